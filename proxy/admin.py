@@ -1,0 +1,176 @@
+"""The admin listener: health, readiness, metrics, status, and the authenticated changes.
+
+Rules: every mutating call needs `Authorization: Bearer <token>` equal (constant-time) to the
+token in `admin.token_env`; with no token configured, mutating calls are refused (403) rather
+than open. The token is never logged nor forwarded.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.control import Controller, Refused
+from proxy.runtime import Runtime
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(status: int, body: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, text=json.dumps(body, indent=2),
+                        content_type="application/json")
+
+
+class Admin:
+    def __init__(self, runtime: Runtime, control: Controller,
+                 token: Callable[[], str | None]) -> None:
+        self.rt, self.control, self.token = runtime, control, token
+        self.started = False
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/admin/status", self.status)
+        for name, action in (("rollback", self.rollback), ("promote", self.promote),
+                             ("percentage", self.percentage), ("pause", self.pause),
+                             ("resume", self.resume), ("reset", self.reset),
+                             ("complaints", self.complaints)):
+            app.router.add_post(f"/admin/{name}", self.guarded(action))
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response(200, {"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.rt.draining:
+            return json_response(503, {"ready": False, "detail": "draining"})
+        if not self.started:
+            return json_response(503, {"ready": False, "detail": "starting"})
+        return json_response(200, {"ready": True, "config_version": self.rt.config.version})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.rt.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return json_response(200, status_document(self.rt, self.control))
+
+    def guarded(self, action: Callable[[dict[str, Any], str], str]) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            token = self.token()
+            if not token:
+                return json_response(403, {"error": "admin changes are disabled: no token is "
+                                           f"configured; set ${self.rt.config.admin.token_env} "
+                                           "(admin.token_env) in the proxy's environment"})
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return json_response(401, {"error": "missing or wrong bearer token"})
+            try:
+                body = await request.json() if request.can_read_body else {}
+            except ValueError:
+                return json_response(400, {"error": "the body must be a JSON object"})
+            if not isinstance(body, dict):
+                return json_response(400, {"error": "the body must be a JSON object"})
+            by = str(body.get("by") or request.remote or "admin")[:100]
+            try:
+                message = action(body, by)
+            except Refused as exc:
+                return json_response(exc.status, {"error": str(exc)})
+            return json_response(200, {"ok": True, "message": message,
+                                       **plan_fields(self.rt)})
+        return handler
+
+    def rollback(self, body: dict[str, Any], by: str) -> str:
+        reason = body.get("reason")
+        if not isinstance(reason, str) or not reason.strip():
+            raise Refused(400, "reason: required, a short text saying why")
+        percentage = number_field(body, "percentage", required=False)
+        self.control.rollback(reason.strip()[:500], by, percentage)
+        return "rolled back" + (f" to {percentage:g} %" if percentage is not None else "")
+
+    def promote(self, body: dict[str, Any], by: str) -> str:
+        return self.control.promote(by)
+
+    def percentage(self, body: dict[str, Any], by: str) -> str:
+        value = number_field(body, "percentage", required=True)
+        assert value is not None
+        self.control.set_percentage(value, by, str(body.get("reason", ""))[:500])
+        return f"percentage set to {value:g}"
+
+    def pause(self, body: dict[str, Any], by: str) -> str:
+        self.control.pause(by)
+        return "schedule paused"
+
+    def resume(self, body: dict[str, Any], by: str) -> str:
+        self.control.resume(by)
+        return "schedule resumed"
+
+    def reset(self, body: dict[str, Any], by: str) -> str:
+        self.control.reset(by)
+        return "override dropped; following the YAML"
+
+    def complaints(self, body: dict[str, Any], by: str) -> str:
+        user, text = body.get("user_id"), body.get("text")
+        if not isinstance(user, str) or not user:
+            raise Refused(400, "user_id: required")
+        if not isinstance(text, str):
+            raise Refused(400, "text: required")
+        backend = self.rt.backend_of_user(user)
+        self.control.complaint(backend)
+        return f"complaint counted against {backend}"
+
+
+def number_field(body: dict[str, Any], key: str, *, required: bool) -> float | None:
+    value = body.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+        raise Refused(400, f"{key}: must be a number between 0 and 100, got {value!r}")
+    return float(value)
+
+
+def plan_fields(rt: Runtime) -> dict[str, Any]:
+    stored = rt.stored
+    override = stored.override
+    return {
+        "phase": rt.plan.phase, "percentage": rt.plan.percentage, "paused": stored.paused,
+        "override": None if override is None else {
+            "action": override.action, "phase": override.phase,
+            "percentage": override.percentage, "reason": override.reason, "by": override.by,
+            "at": override.at},
+    }
+
+
+def status_document(rt: Runtime, control: Controller) -> dict[str, Any]:
+    config = rt.config
+    schedule = config.rollout.schedule
+    pending = schedule[rt.applied] if rt.applied < len(schedule) else None
+    return {
+        **plan_fields(rt),
+        "reason": rt.stored.override.reason if rt.stored.override else None,
+        "configured": {"phase": config.rollout.phase, "percentage": config.rollout.percentage},
+        "backends": {name: rt.windows.figures(name).as_json() for name in config.backends},
+        "window_s": config.guards.window_s,
+        "guards": [v.as_json() for v in control.verdicts],
+        "tripped": list(rt.stored.tripped),
+        "circuit": {"next_gen": rt.breaker.state},
+        "shadow": {"in_flight": rt.shadow.in_flight if rt.shadow else 0,
+                   "sample": config.shadow.sample},
+        "schedule": {
+            "applied": rt.applied, "steps": len(schedule),
+            "next": None if pending is None else {
+                "at": pending.at.isoformat(), "phase": pending.phase,
+                "percentage": pending.percentage,
+                "waiting": control.waiting_reason or "not due yet"},
+        },
+        "in_flight": rt.in_flight,
+        "config_version": config.version,
+        "config_loaded_at": config.loaded_at.isoformat().replace("+00:00", "Z"),
+    }

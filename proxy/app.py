@@ -1,0 +1,247 @@
+"""Wiring and lifecycle: build every object from the config, serve both listeners, drain.
+
+Shutdown (SIGTERM/SIGINT): /readyz turns 503, the listener stops accepting, requests in
+flight (streams included) get up to limits.drain_timeout_s, mirrors a short grace, the trace
+is flushed, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client import CollectorRegistry
+
+from proxy.admin import Admin
+from proxy.config import Config, load_config
+from proxy.control import Controller
+from proxy.guards import Windows
+from proxy.metrics import Metrics
+from proxy.runtime import Runtime
+from proxy.server import ProxyHandler
+from proxy.shadow import Shadow
+from proxy.state import FileStore, Store
+from proxy.trace import TraceWriter
+from proxy.upstream import make_pool
+
+log = logging.getLogger("rollout_proxy")
+SHADOW_GRACE_S = 2.0
+TIMEOUT_BODY = json.dumps({"error": "request head not received within limits.header_timeout_s",
+                           "request_id": None}).encode()
+TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                  b"Connection: close\r\nContent-Length: " + str(len(TIMEOUT_BODY)).encode()
+                  + b"\r\n\r\n" + TIMEOUT_BODY)
+
+
+class HeadDeadlineHandler(RequestHandler):
+    """aiohttp has no header-read timeout (PITFALLS.md): cut a client off whose request
+    head has not fully arrived within the deadline, with a 408."""
+
+    header_timeout_s = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.header_timeout_s, self._too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and not self._request_in_progress and not self._messages:
+            self._arm()  # the first bytes of a new request head on a kept-alive connection
+        super().data_received(data)
+        if self._messages and self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().connection_lost(exc)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._request_in_progress or self._messages or self.transport is None:
+            return
+        with contextlib.suppress(Exception):
+            self.transport.write(TIMEOUT_ANSWER)
+        self.transport.close()
+
+
+class ProxySite(web.BaseSite):
+    """A TCP site whose connections get the head deadline; SO_REUSEPORT for --workers."""
+
+    def __init__(self, runner: web.BaseRunner[Any], host: str, port: int,
+                 header_timeout_s: float, reuse_port: bool = False) -> None:
+        super().__init__(runner, backlog=2048)
+        self._host, self._port, self._reuse_port = host, port, reuse_port
+        self._header_timeout_s = header_timeout_s
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        deadline = type("Handler", (HeadDeadlineHandler,),
+                        {"header_timeout_s": self._header_timeout_s})
+        loop = asyncio.get_running_loop()
+        kwargs = server._kwargs  # the RequestHandler options web.Server would pass itself
+
+        def factory() -> RequestHandler:
+            handler: RequestHandler = deadline(server, loop=loop, **kwargs)
+            return handler
+
+        self._server = await loop.create_server(
+            factory, self._host, self._port, backlog=self._backlog, reuse_address=True,
+            reuse_port=self._reuse_port)
+
+
+@dataclass
+class Proxy:
+    """Everything one proxy process runs."""
+
+    runtime: Runtime
+    control: Controller
+    admin: Admin
+    trace: TraceWriter | None
+    handler: ProxyHandler
+    runners: list[web.BaseRunner[Any]] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    ports: dict[str, int] = field(default_factory=dict)
+
+
+def build(config: Config, *, registry: CollectorRegistry | None = None,
+          store: Store | None = None, token: Callable[[], str | None] | None = None,
+          **clocks: Any) -> Proxy:
+    metrics = Metrics(registry)
+    runtime = Runtime(config, metrics=metrics, store=store or FileStore(config.state.path),
+                      **clocks)
+    trace = None
+    if config.telemetry.trace_file is not None:
+        trace = TraceWriter(config.telemetry.trace_file, max_bytes=config.telemetry.trace_max_bytes,
+                            keep=config.telemetry.trace_keep, metrics=metrics)
+    runtime.breaker.on_change = lambda state: metrics.circuit.labels("next_gen").set(
+        {"closed": 0, "open": 1, "half_open": 2}[state])
+    control = Controller(runtime, path=config.source,
+                         apply_config=lambda new: apply_config(runtime, new))
+    env_name = config.admin.token_env
+    admin = Admin(runtime, control, token or (lambda: os.environ.get(env_name) or None))
+    return Proxy(runtime, control, admin, trace, ProxyHandler(runtime))
+
+
+def apply_config(runtime: Runtime, new: Config) -> None:
+    """Swap in a validated config; requests in flight keep the one they started with."""
+    old = runtime.config
+    runtime.config = new
+    if new.backends != old.backends:
+        for name, backend in new.backends.items():
+            if backend != old.backends.get(name):
+                stale = runtime.pools[name]
+                runtime.pools[name] = make_pool(backend)
+                runtime.tasks.spawn(close_later(stale, backend.timeout_s), name="pool-retire")
+    if new.guards.window_s != old.guards.window_s:
+        runtime.windows = Windows(new.guards.window_s, runtime.monotonic)
+    runtime.breaker.config = new.fallback.circuit
+    runtime.budget.ratio = new.fallback.budget_ratio
+    if runtime.shadow is not None:
+        runtime.shadow.config = new
+    from proxy.state import due_steps
+
+    runtime.applied = due_steps(new.rollout.schedule, runtime.stored, runtime.clock())
+    runtime.refresh()
+
+
+async def close_later(pool: Any, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    await pool.close()
+
+
+async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
+    rt, config = proxy.runtime, proxy.runtime.config
+    await rt.start()
+    shadow_pool = make_pool(config.backends["next_gen"], timeout_s=config.shadow.timeout_s,
+                            limit=max(1, config.shadow.max_in_flight))
+    rt.shadow = Shadow(config, shadow_pool, rt.metrics, proxy.trace, rt.windows_add)
+    if proxy.trace is not None:
+        rt.tasks.spawn(proxy.trace.run(), name="trace-writer")
+    rt.tasks.spawn(proxy.control.run(), name="control-loop")
+    proxy.control.tick()
+
+    server = web.Server(proxy.handler, access_log=None, keepalive_timeout=75,  # type: ignore[arg-type]
+                        max_field_size=16384)
+    runner = web.ServerRunner(server, handle_signals=False,
+                              shutdown_timeout=max(config.limits.drain_timeout_s, 0.1))
+    await runner.setup()
+    site = ProxySite(runner, config.listen.host, config.listen.port,
+                     config.limits.header_timeout_s, reuse_port)
+    await site.start()
+    admin_runner = web.AppRunner(proxy.admin.app(), access_log=None, handle_signals=False,
+                                 shutdown_timeout=1)
+    await admin_runner.setup()
+    admin_site = web.TCPSite(admin_runner, config.admin.listen.host, config.admin.listen.port,
+                             reuse_port=reuse_port)
+    await admin_site.start()
+    proxy.runners = [runner, admin_runner]
+    proxy.ports = {"proxy": bound_port(site), "admin": bound_port(admin_site)}
+    proxy.admin.started = True
+    log.info(json.dumps({"event": "serving", "listen": str(config.listen),
+                         "admin": str(config.admin.listen), "phase": rt.plan.phase,
+                         "percentage": rt.plan.percentage, "config_version": config.version}))
+
+
+def bound_port(site: web.BaseSite) -> int:
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else 0
+
+
+async def stop(proxy: Proxy) -> None:
+    rt = proxy.runtime
+    rt.draining = True
+    proxy_runner, admin_runner = proxy.runners
+    for site in list(proxy_runner.sites):
+        await site.stop()  # stop accepting; connections in flight go on
+    deadline = rt.config.limits.drain_timeout_s
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while rt.in_flight > 0 and loop.time() < end:
+        await asyncio.sleep(0.05)
+    await proxy_runner.cleanup()
+    if rt.shadow is not None:
+        await rt.shadow.close(SHADOW_GRACE_S)
+    await rt.tasks.wait(0)
+    if proxy.trace is not None:
+        await proxy.trace.close()
+    await rt.close()
+    await admin_runner.cleanup()
+    log.info(json.dumps({"event": "stopped", "left_in_flight": rt.in_flight}))
+
+
+async def serve(path: Path, *, reuse_port: bool = False) -> int:
+    config = load_config(path)
+    proxy = build(config)
+    await start(proxy, reuse_port=reuse_port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, proxy.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, proxy.control.reload)
+    await proxy.stopping.wait()
+    log.info(json.dumps({"event": "draining", "in_flight": proxy.runtime.in_flight}))
+    await stop(proxy)
+    return 0

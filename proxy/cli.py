@@ -1,0 +1,326 @@
+"""The `rollout-proxy` command: serve, demo, check, assign, the admin verbs, report, compare.
+
+Output is built by pure `format_*` functions; the verbs only print them.
+Exit codes: 0 success, 1 refusal or problems, 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from proxy.config import Config, ConfigError, load_config
+from proxy.routing import bucket, on_next_gen
+from proxy.state import FileStore, Stored, due_steps, effective
+
+DEFAULT_ADMIN = "http://127.0.0.1:9090"
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line: our events already are; anything else is wrapped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if not message.startswith("{"):
+            message = json.dumps({"event": "log", "level": record.levelname.lower(),
+                                  "logger": record.name, "message": message})
+        if record.exc_info:
+            message = message[:-1] + ", " + json.dumps(
+                {"exception": self.formatException(record.exc_info)})[1:]
+        return message
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def stored_state(config: Config) -> Stored:
+    try:
+        return FileStore(config.state.path).load()
+    except ValueError:
+        return Stored()
+
+
+def plan_of(config: Config) -> tuple[str, float, int]:
+    stored = stored_state(config)
+    applied = due_steps(config.rollout.schedule, stored, datetime.now(UTC))
+    phase, percentage = effective(config.rollout, stored, applied)
+    return phase, percentage, applied
+
+
+def format_problems(error: ConfigError, path: str) -> str:
+    lines = [f"{path}: {len(error.problems)} problem(s), the config is refused:"]
+    lines += [f"  {problem}" for problem in error.problems]
+    return "\n".join(lines)
+
+
+def format_plan(config: Config) -> str:
+    phase, percentage, applied = plan_of(config)
+    r, ro, sh, fb = config.routing, config.rollout, config.shadow, config.fallback
+    sources = ", ".join(f"{s.kind} {s.name}" for s in r.user_id) or "none"
+    on = sorted(fb.on) + [str(s) for s in sorted(fb.statuses)]
+    lines = [
+        f"config {config.source} (version {config.version}) is valid",
+        f"phase:       {phase}" + (f" (YAML: {ro.phase})" if phase != ro.phase else ""),
+        f"percentage:  {percentage:g} %" + (
+            f" (YAML: {ro.percentage:g})" if percentage != ro.percentage else "")
+        + f"  salt {ro.salt!r}",
+        f"listen:      {config.listen}   admin: {config.admin.listen} "
+        f"(token from ${config.admin.token_env})",
+    ]
+    lines += [f"backend:     {b.name} {b.url} (timeout {b.timeout_s:g} s)"
+              for b in config.backends.values()]
+    lines += [
+        f"paths:       {', '.join(r.paths)} (others go to legacy)",
+        f"user id:     {sources}; anonymous -> {r.anonymous}; opt header {r.opt_header}",
+        f"mirroring:   {describe_mirroring(phase, sh.sample)}"
+        f" (max {sh.max_in_flight} in flight, timeout {sh.timeout_s:g} s)",
+        f"fallback:    {'on ' + ', '.join(on) if fb.enabled else 'off'}, {fb.attempts} "
+        f"attempt(s), budget {fb.budget_ratio:.0%}"
+        + ("; none in sunset" if phase == "sunset" else ""),
+        f"guards:      window {config.guards.window_s:g} s, min {config.guards.min_requests} "
+        f"answers, action {config.guards.action}",
+        f"state:       {config.state.backend} {config.state.path}",
+        f"trace:       {config.telemetry.trace_file or 'off'}",
+    ]
+    for index, step in enumerate(ro.schedule):
+        mark = "applied" if index < applied else "pending"
+        what = " ".join(filter(None, [step.phase, f"{step.percentage:g} %"
+                                      if step.percentage is not None else None]))
+        lines.append(f"schedule:    {step.at.isoformat()} {what} ({mark})")
+    return "\n".join(lines)
+
+
+def describe_mirroring(phase: str, sample: float) -> str:
+    if phase not in ("shadow", "opt_in", "progressive"):
+        return f"nothing (phase {phase} mirrors nothing)"
+    if sample <= 0:
+        return "nothing (shadow.sample is 0)"
+    return f"{sample:.0%} of legacy-served requests to next_gen"
+
+
+def format_assign(config: Config, users: list[str]) -> str:
+    phase, percentage, _ = plan_of(config)
+    salt = config.rollout.salt
+    lines = []
+    for user in users:
+        value = bucket(salt, user)
+        if phase in ("default", "sunset"):
+            backend = "next_gen"
+        elif phase == "progressive" and on_next_gen(value, percentage):
+            backend = "next_gen"
+        else:
+            backend = "legacy"
+        lines.append(f"{user}  bucket {value}  {backend}  (phase {phase}, {percentage:g} %)")
+    return "\n".join(lines)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(format_problems(exc, args.config), file=sys.stderr)
+        return 1
+    print(format_plan(config))
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(format_problems(exc, args.config), file=sys.stderr)
+        return 1
+    print(format_assign(config, args.users))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from proxy.app import serve
+
+    setup_logging()
+    try:
+        load_config(args.config)
+    except ConfigError as exc:
+        print(format_problems(exc, args.config), file=sys.stderr)
+        return 1
+    result: int = uvloop.run(serve(Path(args.config)))
+    return result
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    setup_logging()
+    return run_demo(args.speed)
+
+
+# The admin client ---------------------------------------------------------------------------
+
+
+def admin_url(args: argparse.Namespace) -> str:
+    if args.admin_url:
+        return str(args.admin_url).rstrip("/")
+    if os.environ.get("ROLLOUT_ADMIN_URL"):
+        return os.environ["ROLLOUT_ADMIN_URL"].rstrip("/")
+    if args.config:
+        try:
+            listen = load_config(args.config).admin.listen
+        except ConfigError:
+            return DEFAULT_ADMIN
+        host = "127.0.0.1" if listen.host in ("0.0.0.0", "::") else listen.host
+        return f"http://{host}:{listen.port}"
+    return DEFAULT_ADMIN
+
+
+def call_admin(args: argparse.Namespace, method: str, path: str,
+               body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body or {}).encode() if method == "POST" else None
+    request = urllib.request.Request(admin_url(args) + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    token = os.environ.get("ROLLOUT_ADMIN_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {"error": exc.reason}
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, {"error": f"cannot reach the admin API at {admin_url(args)}: {exc}"}
+
+
+def format_status(status: dict[str, Any]) -> str:
+    override = status.get("override")
+    lines = [
+        f"phase        {status.get('phase')}   percentage {status.get('percentage'):g} %"
+        f"   paused {'yes' if status.get('paused') else 'no'}",
+        f"configured   {status['configured']['phase']} {status['configured']['percentage']:g} %",
+        "override     " + ("none" if not override else
+                           f"{override['action']} by {override['by']} at {override['at']}: "
+                           f"{override['reason']}"),
+        f"circuit      next_gen {status.get('circuit', {}).get('next_gen')}",
+        f"config       {status.get('config_version')} loaded {status.get('config_loaded_at')}",
+        "",
+        f"{'backend':<10} {'requests':>9} {'errors':>7} {'p50 ms':>9} {'p95 ms':>9} "
+        f"{'tokens':>9} {'mem MB':>8}",
+    ]
+    for name, f in status.get("backends", {}).items():
+        lines.append(f"{name:<10} {f['requests']:>9} {f['error_rate']:>7.1%} "
+                     f"{num(f['p50_ms']):>9} {num(f['p95_ms']):>9} {num(f['mean_tokens']):>9} "
+                     f"{num(f['mean_memory_mb']):>8}")
+    lines.append("")
+    for guard in status.get("guards", []):
+        lines.append(f"guard {guard['guard']:<20} {guard['state']:<8} {guard['detail']}")
+    step = status.get("schedule", {}).get("next")
+    if step:
+        lines.append(f"next step    {step['at']} {step.get('phase') or ''} "
+                     f"{step.get('percentage') if step.get('percentage') is not None else ''}"
+                     f" — waiting: {step['waiting']}")
+    return "\n".join(lines)
+
+
+def num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def run_admin(args: argparse.Namespace, method: str, path: str,
+              body: dict[str, Any] | None = None) -> int:
+    code, answer = call_admin(args, method, path, body)
+    if code != 200:
+        print(f"refused ({code or 'unreachable'}): {answer.get('error', answer)}",
+              file=sys.stderr)
+        return 1
+    if path == "/admin/status":
+        print(json.dumps(answer, indent=2) if args.json else format_status(answer))
+    else:
+        print(f"{answer.get('message', 'ok')} — now phase {answer.get('phase')}, "
+              f"{answer.get('percentage'):g} %")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return run_admin(args, "GET", "/admin/status")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"reason": args.reason}
+    if args.percentage is not None:
+        body["percentage"] = args.percentage
+    return run_admin(args, "POST", "/admin/rollback", body)
+
+
+def cmd_simple(path: str) -> Any:
+    return lambda args: run_admin(args, "POST", path)
+
+
+def cmd_set_percentage(args: argparse.Namespace) -> int:
+    return run_admin(args, "POST", "/admin/percentage", {"percentage": args.percentage})
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="rollout-proxy", description=__doc__)
+    verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
+    serve = verbs.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", required=True)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(func=cmd_serve)
+    demo = verbs.add_parser("demo", help="simulated backends with the proxy in front")
+    demo.add_argument("--speed", type=float, default=10.0,
+                      help="divide the simulated task times by this (default 10)")
+    demo.set_defaults(func=cmd_demo)
+    check = verbs.add_parser("check", help="validate a config, print the effective plan")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=cmd_check)
+    assign = verbs.add_parser("assign", help="bucket and backend of each user")
+    assign.add_argument("--config", required=True)
+    assign.add_argument("users", nargs="+", metavar="USER_ID")
+    assign.set_defaults(func=cmd_assign)
+    admin_verbs = [
+        ("status", "the rollout's state", cmd_status),
+        ("rollback", "send traffic back to legacy", cmd_rollback),
+        ("promote", "apply the next step", cmd_simple("/admin/promote")),
+        ("set-percentage", "set the rollout percentage", cmd_set_percentage),
+        ("pause", "hold the schedule", cmd_simple("/admin/pause")),
+        ("resume", "follow the schedule again", cmd_simple("/admin/resume")),
+        ("reset", "drop the runtime override", cmd_simple("/admin/reset")),
+    ]
+    for name, help_text, func in admin_verbs:
+        verb = verbs.add_parser(name, help=help_text)
+        verb.add_argument("--admin-url", help="default $ROLLOUT_ADMIN_URL, else the config's "
+                          "admin.listen, else " + DEFAULT_ADMIN)
+        verb.add_argument("--config", help="read admin.listen from this config")
+        verb.set_defaults(func=func)
+        if name == "status":
+            verb.add_argument("--json", action="store_true")
+        if name == "rollback":
+            verb.add_argument("--reason", required=True)
+            verb.add_argument("--percentage", type=float)
+        if name == "set-percentage":
+            verb.add_argument("percentage", type=float)
+    try:
+        from proxy import report
+    except ImportError:  # the report module is optional while it is being built
+        return top
+    report.register(verbs)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    sys.exit(args.func(args))

@@ -1,0 +1,239 @@
+"""The control plane's actions and its loop: overrides, guards, schedule, hot reload.
+
+Rules:
+1. Every change is one structured log line, counted, and saved before it takes effect.
+2. A guard trip with `action: rollback` sets a rollback override that stays until a person
+   calls promote or reset: no flapping. With `action: alert` only the webhook is called.
+3. While a rollback is in force, promote is refused (409): a promote never undoes a guard.
+4. A reload is parse, validate, swap one reference; a bad file changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
+
+from proxy.config import Config, ConfigError, load_config
+from proxy.guards import Verdict, judge
+from proxy.runtime import Runtime
+from proxy.state import Override, due_steps, next_phase, rolled_back
+
+log = logging.getLogger("rollout_proxy")
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Controller:
+    def __init__(self, runtime: Runtime, *, path: Path | None,
+                 apply_config: Callable[[Config], None]) -> None:
+        self.rt, self.path, self.apply_config = runtime, path, apply_config
+        self.complaints: deque[tuple[float, str]] = deque()
+        self.verdicts: list[Verdict] = []
+        self.file_stamp = self._stamp()
+        self.waiting_reason = ""
+
+    # Actions (admin API and CLI) -----------------------------------------------------------
+
+    def change(self, action: str, by: str, **fields: Any) -> None:
+        self.rt.refresh()
+        self.rt.metrics.admin_changes.labels(action).inc()
+        log.info(json.dumps({"event": "rollout_change", "action": action, "by": by,
+                             "phase": self.rt.plan.phase, "percentage": self.rt.plan.percentage,
+                             **fields}))
+
+    def rollback(self, reason: str, by: str, percentage: float | None = None,
+                 trigger: str = "manual") -> None:
+        phase = "legacy" if percentage is None else "progressive"
+        override = Override("rollback", phase, percentage, reason, by, self.rt.stamp())
+        self.rt.save(replace(self.rt.stored, override=override))
+        self.rt.metrics.rollbacks.labels(trigger).inc()
+        self.change("rollback", by, reason=reason, trigger=trigger)
+
+    def set_percentage(self, percentage: float, by: str, reason: str = "") -> None:
+        if not 0 <= percentage <= 100:
+            raise Refused(400, f"percentage must be between 0 and 100, got {percentage:g}")
+        current = self.rt.stored.override
+        phase = current.phase if current is not None and current.action != "rollback" else None
+        if rolled_back(self.rt.stored):
+            phase = "progressive"
+        override = Override("percentage", phase, percentage, reason or "set-percentage", by,
+                            self.rt.stamp())
+        self.rt.save(replace(self.rt.stored, override=override))
+        self.change("percentage", by, reason=reason)
+
+    def promote(self, by: str) -> str:
+        stored = self.rt.stored
+        if rolled_back(stored):
+            assert stored.override is not None
+            raise Refused(409, "a rollback is in force (" + stored.override.reason + "); "
+                          "call reset first, then promote")
+        schedule = self.rt.config.rollout.schedule
+        if self.rt.applied < len(schedule):
+            step = schedule[self.rt.applied]
+            self.rt.save(replace(stored, promoted_through=step.at.isoformat()))
+            self.rt.applied += 1
+            self.change("promote", by, step=step.at.isoformat())
+            return f"applied schedule step {step.at.isoformat()}"
+        following = next_phase(self.rt.plan.phase)
+        if following is None:
+            raise Refused(409, "already in the last phase (sunset)")
+        override = Override("promote", following, None, f"promoted to {following}", by,
+                            self.rt.stamp())
+        self.rt.save(replace(stored, override=override))
+        self.change("promote", by, phase=following)
+        return f"promoted to phase {following}"
+
+    def pause(self, by: str) -> None:
+        self.rt.save(replace(self.rt.stored, paused=True, paused_at=self.rt.stamp()))
+        self.change("pause", by)
+
+    def resume(self, by: str) -> None:
+        self.rt.save(replace(self.rt.stored, paused=False, paused_at=None))
+        self.rt.applied = max(self.rt.applied, self._due())
+        self.change("resume", by)
+
+    def reset(self, by: str) -> None:
+        self.rt.save(replace(self.rt.stored, override=None, tripped=()))
+        self.change("reset", by)
+
+    def complaint(self, backend: str) -> None:
+        self.complaints.append((self.rt.monotonic(), backend))
+
+    # The loop ------------------------------------------------------------------------------
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        while True:
+            await self.rt.sleep(interval_s)
+            try:
+                self.tick()
+            except Exception:  # the loop must live on; the error is logged each time
+                log.exception("control tick failed")
+
+    def tick(self) -> None:
+        self.check_reload()
+        self.verdicts = self.judge()
+        self.act_on(self.verdicts)
+        self.advance_schedule()
+
+    def _due(self) -> int:
+        return due_steps(self.rt.config.rollout.schedule, self.rt.stored, self.rt.clock())
+
+    def complaints_last_hour(self) -> int:
+        edge = self.rt.monotonic() - 3600
+        while self.complaints and self.complaints[0][0] < edge:
+            self.complaints.popleft()
+        return sum(1 for _, backend in self.complaints if backend == "next_gen")
+
+    def judge(self) -> list[Verdict]:
+        windows = self.rt.windows
+        verdicts = judge(self.rt.config.guards, windows.figures("next_gen"),
+                         windows.figures("legacy"), self.complaints_last_hour())
+        for verdict in verdicts:
+            self.rt.metrics.guard_state.labels(verdict.guard).set(verdict.state == "tripped")
+        return verdicts
+
+    def act_on(self, verdicts: list[Verdict]) -> None:
+        tripped = [v for v in verdicts if v.state == "tripped"]
+        fresh = [v for v in tripped if v.guard not in self.rt.stored.tripped]
+        if not fresh:
+            return
+        guards = self.rt.config.guards
+        self.rt.save(replace(self.rt.stored,
+                             tripped=(*self.rt.stored.tripped, *(v.guard for v in fresh))))
+        first = fresh[0]
+        if guards.action == "rollback" and not rolled_back(self.rt.stored) and (
+                self.rt.plan.phase != "legacy"):
+            self.rollback(f"guard {first.guard}: {first.detail}", "guard", trigger=first.guard)
+        for verdict in fresh:
+            log.warning(json.dumps({"event": "guard_tripped", **verdict.as_json(),
+                                    "action": guards.action}))
+        if guards.webhook:
+            self.rt.tasks.spawn(self.notify(guards.webhook, fresh), name="webhook")
+
+    async def notify(self, url: str, verdicts: list[Verdict]) -> None:
+        body = {"event": "rollout_guard_tripped", "action": self.rt.config.guards.action,
+                "phase": self.rt.plan.phase, "percentage": self.rt.plan.percentage,
+                "at": self.rt.stamp(), "guards": [v.as_json() for v in verdicts]}
+        try:
+            async for attempt in AsyncRetrying(stop=stop_after_attempt(5), reraise=True,
+                                               wait=wait_exponential(0.5, max=10),
+                                               sleep=self.rt.sleep):
+                with attempt:
+                    async with aiohttp.ClientSession(
+                            timeout=aiohttp.ClientTimeout(total=10)) as http, \
+                            http.post(url, json=body) as response:
+                        response.raise_for_status()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.error(json.dumps({"event": "webhook_failed", "error": str(exc)}))
+
+    def advance_schedule(self) -> None:
+        due = self._due()
+        if due <= self.rt.applied:
+            self.waiting_reason = ""
+            return
+        if rolled_back(self.rt.stored):
+            self.waiting_reason = "a rollback is in force"
+        elif self.rt.stored.paused:
+            self.waiting_reason = "paused"
+        elif any(v.state == "tripped" for v in self.verdicts):
+            self.waiting_reason = "a guard is tripped"
+        else:
+            self.rt.applied = due
+            self.waiting_reason = ""
+            self.change("schedule", "schedule", step=due)
+
+    # Hot reload ----------------------------------------------------------------------------
+
+    def _stamp(self) -> tuple[float, int] | None:
+        if self.path is None:
+            return None
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime, stat.st_size
+
+    def check_reload(self) -> None:
+        stamp = self._stamp()
+        if stamp is not None and stamp != self.file_stamp:
+            self.file_stamp = stamp
+            self.reload()
+
+    def reload(self) -> bool:
+        if self.path is None:
+            return False
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            self.rt.metrics.reloads.labels("error").inc()
+            log.error(json.dumps({"event": "config_refused", "path": str(self.path),
+                                  "problems": [str(p) for p in exc.problems]}))
+            return False
+        if config.version == self.rt.config.version:
+            return True
+        self.apply_config(config)
+        self.rt.metrics.reloads.labels("success").inc()
+        log.info(json.dumps({"event": "config_reloaded", "version": config.version}))
+        return True
+
+
+async def wait_for(event: asyncio.Event, timeout: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,148 @@
+"""When legacy answers for a failing next_gen: the failure kinds, a retry budget, a breaker.
+
+Rules:
+1. Fallback happens only before anything was sent to the client, for the kinds `fallback.on`
+   names: connect_error (nothing reached next_gen), timeout, 5xx (also resets and garbage,
+   which the proxy would answer as 502) and explicit status codes.
+2. The budget caps fallbacks at `budget_ratio` of requests over a rolling window (Envoy's
+   retry budget), so a next_gen outage cannot double legacy's load.
+3. The breaker opens after `consecutive_failures` or an error rate over its window, skips
+   next_gen for `cooldown_s`, then lets `probes` requests through before closing again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_random_exponential
+
+from proxy.config import CircuitConfig, FallbackConfig
+from proxy.upstream import UpstreamError
+
+FIVE_XX_KINDS = frozenset({"reset", "bad_response"})
+
+
+def fallback_reason(config: FallbackConfig, error: UpstreamError | None,
+                    status: int | None) -> str | None:
+    """The reason legacy should answer instead, or None."""
+    if not config.enabled:
+        return None
+    if error is not None:
+        if error.kind in config.on:
+            return error.kind
+        if error.kind in FIVE_XX_KINDS and "5xx" in config.on:
+            return "5xx"
+        return None
+    if status is None:
+        return None
+    if status in config.statuses:
+        return "status"
+    if status >= 500 and "5xx" in config.on:
+        return "5xx"
+    return None
+
+
+def retrying(attempts: int, sleep: Callable[[float], Awaitable[Any]]) -> AsyncRetrying:
+    return AsyncRetrying(stop=stop_after_attempt(attempts),
+                         wait=wait_random_exponential(multiplier=0.05, max=1.0),
+                         retry=retry_if_exception_type(UpstreamError), reraise=True,
+                         sleep=sleep)
+
+
+class RetryBudget:
+    """Fallbacks allowed: at most `ratio` of the requests seen in the last `window_s`."""
+
+    def __init__(self, ratio: float, window_s: float, monotonic: Callable[[], float]) -> None:
+        self.ratio, self.window_s, self.monotonic = ratio, window_s, monotonic
+        self.requests: deque[float] = deque()
+        self.retries: deque[float] = deque()
+
+    def _prune(self, now: float) -> None:
+        edge = now - self.window_s
+        for times in (self.requests, self.retries):
+            while times and times[0] < edge:
+                times.popleft()
+
+    def request(self) -> None:
+        self.requests.append(self.monotonic())
+
+    def allow(self) -> bool:
+        now = self.monotonic()
+        self._prune(now)
+        # A floor of a few fallbacks keeps low traffic from being refused every retry.
+        if len(self.retries) >= max(3.0, self.ratio * len(self.requests)):
+            return False
+        self.retries.append(now)
+        return True
+
+
+class Breaker:
+    """closed → open (skip next_gen) → half_open (a few probes) → closed, on a clock."""
+
+    def __init__(self, config: CircuitConfig, monotonic: Callable[[], float],
+                 on_change: Callable[[str], None] | None = None) -> None:
+        self.config, self.monotonic, self.on_change = config, monotonic, on_change
+        self.state = "closed"
+        self.consecutive = 0
+        self.outcomes: deque[tuple[float, bool]] = deque()
+        self.opened_at = 0.0
+        self.probes_left = 0
+        self.probe_successes = 0
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        if self.on_change is not None:
+            self.on_change(state)
+
+    def allow(self) -> bool:
+        if self.state == "open":
+            if self.monotonic() - self.opened_at < self.config.cooldown_s:
+                return False
+            self._set("half_open")
+            self.probes_left, self.probe_successes = self.config.probes, 0
+        if self.state == "half_open":
+            if self.probes_left <= 0:
+                return False
+            self.probes_left -= 1
+        return True
+
+    def record(self, ok: bool) -> None:
+        now = self.monotonic()
+        if self.state == "half_open":
+            if not ok:
+                self._open(now)
+                return
+            self.probe_successes += 1
+            if self.probe_successes >= self.config.probes:
+                self._close()
+            return
+        if self.state == "open":
+            return
+        self.consecutive = 0 if ok else self.consecutive + 1
+        self.outcomes.append((now, ok))
+        edge = now - self.config.window_s
+        while self.outcomes and self.outcomes[0][0] < edge:
+            self.outcomes.popleft()
+        if self.consecutive >= self.config.consecutive_failures or self._rate_tripped():
+            self._open(now)
+
+    def _rate_tripped(self) -> bool:
+        total = len(self.outcomes)
+        if total < self.config.min_requests:
+            return False
+        failures = sum(1 for _, ok in self.outcomes if not ok)
+        return failures / total > self.config.error_rate
+
+    def _open(self, now: float) -> None:
+        self.opened_at = now
+        self.outcomes.clear()
+        self.consecutive = 0
+        self._set("open")
+
+    def _close(self) -> None:
+        self.consecutive = 0
+        self.outcomes.clear()
+        self._set("closed")

@@ -1,0 +1,87 @@
+"""Header rules: hop-by-hop stripping (RFC 9110 7.6.1), X-Forwarded-*, Via and request ids.
+
+Rules:
+1. Hop-by-hop headers, and every header a `Connection` header names, never cross the proxy.
+2. Content-Length / Transfer-Encoding are never copied onto a request: aiohttp frames it.
+3. With trusted_hops 0 the client's X-Forwarded-* are replaced by this connection's values.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+HOP_BY_HOP = frozenset(istr(h) for h in (
+    "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
+    "Upgrade", "Proxy-Authenticate", "Proxy-Authorization",
+))
+# Request headers we never forward besides hop-by-hop ones: framing is aiohttp's, Expect is
+# answered by aiohttp itself, and X-Forwarded-* are rebuilt by forwarded().
+REQUEST_DROP = HOP_BY_HOP | frozenset(istr(h) for h in (
+    "Content-Length", "Expect", "Host", "X-Forwarded-For", "X-Forwarded-Proto",
+    "X-Forwarded-Host", "Forwarded",
+))
+RESPONSE_DROP = HOP_BY_HOP | frozenset({istr("Content-Length")})
+REQUEST_ID = istr("X-Request-Id")
+VIA = "1.1 rollout-proxy"
+
+
+def connection_named(headers: Mapping[str, str]) -> frozenset[str]:
+    """Header names listed in Connection: they are hop-by-hop for this message only."""
+    values = headers.getall("Connection", ()) if isinstance(headers, CIMultiDictProxy) else (
+        [headers["Connection"]] if "Connection" in headers else [])
+    names = {istr(token.strip()) for value in values for token in value.split(",")}
+    names.discard(istr(""))
+    return frozenset(names)
+
+
+def copy_end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str],
+                    drop: frozenset[str]) -> CIMultiDict[str]:
+    named = connection_named(headers) if "Connection" in headers else frozenset()
+    result: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name not in drop and name not in named:
+            result.add(name, value)
+    return result
+
+
+def request_id(headers: Mapping[str, str]) -> str:
+    """Keep a sane client id (ASCII, bounded), else make one."""
+    given = headers.get(REQUEST_ID)
+    if given and len(given) <= 200 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def upstream_headers(incoming: CIMultiDictProxy[str], *, rid: str, peer: str, scheme: str,
+                     host: str | None, trusted_hops: int,
+                     extra: Iterable[tuple[str, str]] = ()) -> CIMultiDict[str]:
+    out = copy_end_to_end(incoming, REQUEST_DROP)
+    out[REQUEST_ID] = rid
+    forwarded(out, incoming, peer=peer, scheme=scheme, host=host, trusted_hops=trusted_hops)
+    via = incoming.get("Via")
+    out["Via"] = f"{via}, {VIA}" if via else VIA
+    for name, value in extra:
+        out[name] = value
+    return out
+
+
+def forwarded(out: CIMultiDict[str], incoming: Mapping[str, str], *, peer: str, scheme: str,
+              host: str | None, trusted_hops: int) -> None:
+    given_for = incoming.get("X-Forwarded-For")
+    if trusted_hops > 0 and given_for:
+        out["X-Forwarded-For"] = f"{given_for}, {peer}"
+        out["X-Forwarded-Proto"] = incoming.get("X-Forwarded-Proto", scheme)
+        forwarded_host = incoming.get("X-Forwarded-Host", host)
+    else:
+        out["X-Forwarded-For"] = peer
+        out["X-Forwarded-Proto"] = scheme
+        forwarded_host = host
+    if forwarded_host:
+        out["X-Forwarded-Host"] = forwarded_host
+
+
+def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    return copy_end_to_end(upstream, RESPONSE_DROP)

@@ -1,0 +1,105 @@
+"""Every Prometheus metric of the proxy, in one place, on a registry passed in.
+
+Rule: no label ever holds a user id, a request id or a raw path; label values come from
+small fixed sets (backends, roles, code classes, reasons, phases).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: E402
+
+from proxy.config import BACKENDS, PHASES  # noqa: E402
+
+ROLES = ("primary", "shadow", "fallback")
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")
+LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
+MEMORY_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+def code_class(status: int | None) -> str:
+    if status is None or not 100 <= status <= 599:
+        return "error"
+    return CODE_CLASSES[status // 100 - 1]
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("rollout_requests", "Answers by backend, role and status class",
+                                ["backend", "role", "code_class"], registry=r)
+        self.duration = Histogram("rollout_request_duration_seconds",
+                                  "Time to an answer's last byte", ["backend", "role"],
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("rollout_tokens", "Tokens the backends reported",
+                              ["backend", "role"], registry=r)
+        self.memory = Histogram("rollout_memory_megabytes", "Memory the backends reported, MB",
+                                ["backend", "role"], buckets=MEMORY_BUCKETS, registry=r)
+        self.comparisons = Counter("rollout_shadow_comparisons", "Shadow comparisons by result",
+                                   ["result"], registry=r)
+        self.shadow_dropped = Counter("rollout_shadow_dropped", "Mirrors not sent or not finished",
+                                      ["reason"], registry=r)
+        self.shadow_in_flight = Gauge("rollout_shadow_in_flight", "Mirrors running now",
+                                      registry=r)
+        self.fallbacks = Counter("rollout_fallbacks", "Requests legacy answered for next_gen",
+                                 ["reason"], registry=r)
+        self.percentage = Gauge("rollout_percentage", "Effective rollout percentage", registry=r)
+        self.phase = Gauge("rollout_phase", "1 for the effective phase", ["phase"], registry=r)
+        self.paused = Gauge("rollout_paused", "1 while the schedule is paused", registry=r)
+        self.rollbacks = Counter("rollout_rollbacks", "Rollbacks by trigger", ["trigger"],
+                                 registry=r)
+        self.reloads = Counter("rollout_config_reloads", "Config reloads by result", ["result"],
+                               registry=r)
+        self.circuit = Gauge("rollout_circuit_state", "0 closed, 1 open, 2 half_open",
+                             ["backend"], registry=r)
+        self.guard_state = Gauge("rollout_guard_state", "1 when a guard is tripped", ["guard"],
+                                 registry=r)
+        self.admin_changes = Counter("rollout_admin_changes", "Runtime changes by action",
+                                     ["action"], registry=r)
+        self.in_flight = Gauge("rollout_in_flight_requests", "Client requests being served",
+                               registry=r)
+        self.rejected = Counter("rollout_rejected_requests", "Requests the proxy refused itself",
+                                ["reason"], registry=r)
+        self.trace_lines = Counter("rollout_trace_lines", "Comparison trace lines", ["result"],
+                                   registry=r)
+        self._children: dict[tuple[str, str, str], Counter] = {}
+        self._durations: dict[tuple[str, str], Histogram] = {}
+        self._tokens: dict[tuple[str, str], Counter] = {}
+        self._init_series()
+
+    def _init_series(self) -> None:
+        # Series that exist from the start, so dashboards and alerts see zeros, not gaps.
+        for backend in BACKENDS:
+            self.circuit.labels(backend).set(0)
+            for role in ROLES:
+                self._durations[(backend, role)] = self.duration.labels(backend, role)
+                self._tokens[(backend, role)] = self.tokens.labels(backend, role)
+                for klass in CODE_CLASSES:
+                    self._children[(backend, role, klass)] = self.requests.labels(
+                        backend, role, klass)
+        for result in ("match", "mismatch", "error"):
+            self.comparisons.labels(result)
+        for reason in ("overload", "shutdown"):
+            self.shadow_dropped.labels(reason)
+        for phase in PHASES:
+            self.phase.labels(phase).set(0)
+
+    def answered(self, backend: str, role: str, status: int | None, seconds: float,
+                 tokens: float | None, memory_mb: float | None) -> None:
+        self._children[(backend, role, code_class(status))].inc()
+        self._durations[(backend, role)].observe(seconds)
+        if tokens:
+            self._tokens[(backend, role)].inc(tokens)
+        if memory_mb is not None:
+            self.memory.labels(backend, role).observe(memory_mb)
+
+    def show_plan(self, phase: str, percentage: float, paused: bool) -> None:
+        for name in PHASES:
+            self.phase.labels(name).set(1 if name == phase else 0)
+        self.percentage.set(percentage)
+        self.paused.set(1 if paused else 0)

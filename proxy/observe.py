@@ -1,0 +1,138 @@
+"""What one answer measured: status, timings, bytes, tokens, success, memory.
+
+Rule: measuring never delays or buffers what the client receives. The body is teed into a
+bounded buffer only when a figure must come from it, and parsed as JSON only when the answer
+says it is JSON and fits the cap.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.config import Extract, TelemetryConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    status: int | None  # None: no complete answer
+    time_ms: float
+    ttft_ms: float | None
+    bytes: int
+    tokens: float | None
+    success: bool | None
+    memory_mb: float | None
+    error: str | None = None  # connect_error, timeout, reset, truncated, bad_response
+
+    def trace_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "status": self.status, "time_ms": round(self.time_ms, 3),
+            "tokens": whole(self.tokens), "success": self.success,
+            "memory_mb": self.memory_mb, "bytes": self.bytes,
+        }
+        if self.error:
+            fields["error"] = self.error
+        return fields
+
+
+def whole(value: float | None) -> float | int | None:
+    return int(value) if value is not None and float(value).is_integer() else value
+
+
+class Tee:
+    """Collects a copy of the body up to `cap` bytes while it streams; past the cap, gives up."""
+
+    __slots__ = ("cap", "chunks", "overflow", "size", "wanted")
+
+    def __init__(self, wanted: bool, cap: int) -> None:
+        self.wanted, self.cap = wanted and cap > 0, cap
+        self.chunks: list[bytes] = []
+        self.size, self.overflow = 0, False
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if not self.wanted or self.overflow:
+            return
+        if self.size > self.cap:
+            self.overflow, self.chunks = True, []
+            return
+        self.chunks.append(chunk)
+
+    def json(self) -> Any:
+        if not self.wanted or self.overflow or not self.chunks:
+            return None
+        try:
+            return json.loads(b"".join(self.chunks))
+        except ValueError:
+            return None
+
+
+def wants_body(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: bool) -> bool:
+    """Whether a figure (or a comparison) needs the body: only JSON bodies are ever parsed."""
+    if "json" not in headers.get("Content-Type", "") or headers.get("Content-Encoding"):
+        return False
+    if compare or telemetry.success.json:
+        return True
+    return bool(telemetry.tokens.json) and not (
+        telemetry.tokens.header and telemetry.tokens.header in headers)
+
+
+def json_path(document: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if isinstance(document, dict):
+            document = document.get(key)
+        elif isinstance(document, list) and key.isdigit() and int(key) < len(document):
+            document = document[int(key)]
+        else:
+            return None
+    return document
+
+
+def number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def figure(extract: Extract, headers: Mapping[str, str], body: Any) -> float | None:
+    if extract.header:
+        value = headers.get(extract.header)
+        if value is not None:
+            return number(value)
+    if extract.json and body is not None:
+        return number(json_path(body, extract.json))
+    return None
+
+
+def succeeded(extract: Extract, status: int | None, body: Any) -> bool | None:
+    if status is None:
+        return False
+    if extract.json and body is not None:
+        value = json_path(body, extract.json)
+        if isinstance(value, bool):
+            return value
+    return status < 500
+
+
+def measure(status: int | None, headers: Mapping[str, str], body: Any, *, started: float,
+            first_byte: float | None, ended: float, size: int, telemetry: TelemetryConfig,
+            error: str | None = None) -> Measurement:
+    return Measurement(
+        status=status,
+        time_ms=(ended - started) * 1000,
+        ttft_ms=(first_byte - started) * 1000 if first_byte is not None else None,
+        bytes=size,
+        tokens=figure(telemetry.tokens, headers, body) if status is not None else None,
+        success=succeeded(telemetry.success, status, body),
+        memory_mb=figure(telemetry.memory, headers, body) if status is not None else None,
+        error=error,
+    )

@@ -1,0 +1,142 @@
+"""Where a request goes: a pure function from request facts and the rollout's state to a Decision.
+
+Rules:
+1. The bucket is mmh3.hash(salt + ":" + user_id, signed=False) % 10000; a user is on next_gen
+   when bucket < percentage * 100. Python's hash() is never used (salted per process).
+2. Paths outside `routing.paths` go to legacy, untouched by the rollout.
+3. The opt header is honoured in opt_in, progressive, default and sunset.
+4. Mirroring only ever copies a request legacy serves, in shadow, opt_in and progressive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import mmh3
+
+from proxy.config import RoutingConfig
+
+OPT_IN = frozenset({"1", "true", "yes"})
+OPT_OUT = frozenset({"0", "false", "no"})
+SERVES_OPT = frozenset({"opt_in", "progressive", "default", "sunset"})
+MIRRORS = frozenset({"shadow", "opt_in", "progressive"})
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the routing needs to know of a request, gathered by the server."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    cookies: Mapping[str, str]
+    query: Mapping[str, str]
+    json_body: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The rollout's effective position at this moment (the YAML plus any runtime override)."""
+
+    phase: str
+    percentage: float
+    salt: str
+    sample: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    primary: str  # legacy | next_gen
+    mirror: bool
+    fallback: bool  # legacy may answer when next_gen fails
+    reason: str  # why, in words an operator reads in logs
+    gone: bool = False  # sunset's 410 for an opted-out request
+    deprecated: bool = False  # a legacy answer in `default`: Deprecation / Sunset headers
+    bucket: int | None = None
+
+
+def bucket(salt: str, user_id: str) -> int:
+    return int(mmh3.hash(f"{salt}:{user_id}", signed=False)) % 10000
+
+
+def on_next_gen(bucket_value: int, percentage: float) -> bool:
+    return bucket_value < percentage * 100
+
+
+def user_id(facts: Facts, routing: RoutingConfig) -> str | None:
+    for source in routing.user_id:
+        value: Any
+        if source.kind == "header":
+            value = facts.headers.get(source.name)
+        elif source.kind == "cookie":
+            value = facts.cookies.get(source.name)
+        elif source.kind == "query":
+            value = facts.query.get(source.name)
+        else:
+            value = facts.json_body.get(source.name) if facts.json_body is not None else None
+            value = str(value) if isinstance(value, str | int) and value is not True else None
+        if value:
+            return str(value)
+    return None
+
+
+def opt_choice(facts: Facts, routing: RoutingConfig) -> bool | None:
+    value = facts.headers.get(routing.opt_header)
+    if value is None:
+        return None
+    value = value.strip().lower()
+    return True if value in OPT_IN else False if value in OPT_OUT else None
+
+
+def under_rollout(path: str, routing: RoutingConfig) -> bool:
+    return any(path.startswith(prefix) for prefix in routing.paths)
+
+
+def decide(facts: Facts, routing: RoutingConfig, plan: Plan,
+           chance: Callable[[], float]) -> Decision:
+    """Pick the primary backend; `chance()` draws in [0, 1) for sampling and anonymous users."""
+    if not under_rollout(facts.path, routing):
+        return Decision("legacy", False, False, "path outside routing.paths")
+    phase = plan.phase
+    if phase == "legacy":
+        return Decision("legacy", False, False, "phase legacy")
+    if phase == "shadow":
+        return _legacy_mirrored(plan, chance, "phase shadow")
+    opted = opt_choice(facts, routing) if phase in SERVES_OPT else None
+    if phase == "default":
+        if opted is False:
+            return Decision("legacy", False, False, "opted out", deprecated=True)
+        return Decision("next_gen", False, True, "phase default")
+    if phase == "sunset":
+        if opted is False:
+            return Decision("legacy", False, False, "opted out after sunset", gone=True)
+        return Decision("next_gen", False, False, "phase sunset")
+    if opted is True:
+        return Decision("next_gen", False, True, "opted in")
+    if opted is False:
+        return Decision("legacy", False, False, "opted out")
+    return _by_user(facts, routing, plan, chance)
+
+
+def _by_user(facts: Facts, routing: RoutingConfig, plan: Plan,
+             chance: Callable[[], float]) -> Decision:
+    uid = user_id(facts, routing)
+    if uid is None:
+        if routing.anonymous == "random" and chance() * 100 < plan.percentage:
+            return Decision("next_gen", False, True, "anonymous, drawn at random")
+        return _legacy_mirrored(plan, chance, "anonymous")
+    if plan.phase == "opt_in":
+        return _legacy_mirrored(plan, chance, "not opted in")
+    value = bucket(plan.salt, uid)
+    if on_next_gen(value, plan.percentage):
+        return Decision("next_gen", False, True, "bucket under percentage", bucket=value)
+    return _legacy_mirrored(plan, chance, "bucket over percentage", value)
+
+
+def _legacy_mirrored(plan: Plan, chance: Callable[[], float], reason: str,
+                     bucket_value: int | None = None) -> Decision:
+    mirror = plan.phase in MIRRORS and plan.sample > 0 and (
+        plan.sample >= 1 or chance() < plan.sample)
+    return Decision("legacy", mirror, False, reason, bucket=bucket_value)

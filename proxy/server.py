@@ -1,0 +1,218 @@
+"""The client-facing handler: gather facts, ask routing, forward, stream the answer back.
+
+Rules:
+1. The config is read once per request; a reload never changes a request in flight.
+2. The request body is read once (bounded by limits.max_body_bytes, streamed or not) and
+   shared by the primary send, a fallback and a mirror.
+3. Once the answer's head has gone to the client, an upstream failure ends the connection:
+   the client must see an incomplete answer, never a truncated one passed off as complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.config import Config
+from proxy.headers import downstream_headers, request_id, upstream_headers
+from proxy.observe import Measurement, Tee, measure, wants_body
+from proxy.routing import Decision, Facts
+from proxy.runtime import Answer, Runtime
+from proxy.upstream import UpstreamError, read_error
+
+log = logging.getLogger("rollout_proxy")
+NO_BODY_STATUS = frozenset({204, 304})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def error_response(status: int, message: str, rid: str, **headers: str) -> web.Response:
+    body = json.dumps({"error": message, "request_id": rid})
+    response = web.Response(status=status, text=body, content_type="application/json")
+    response.headers["X-Request-Id"] = rid
+    for name, value in headers.items():
+        response.headers[name.replace("_", "-")] = value
+    return response
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes | None:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge
+    if not request.body_exists:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_fields(request: web.BaseRequest, body: bytes | None) -> dict[str, Any] | None:
+    if not body or "json" not in request.headers.get("Content-Type", ""):
+        return None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+class ProxyHandler:
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        rt, config = self.rt, self.rt.config
+        rid = request_id(request.headers)
+        if rt.in_flight >= config.limits.max_in_flight:
+            rt.metrics.rejected.labels("overload").inc()
+            return error_response(503, "the proxy is at limits.max_in_flight; retry shortly",
+                                  rid, Retry_After="1")
+        rt.in_flight += 1
+        rt.metrics.in_flight.inc()
+        try:
+            return await self.serve(request, config, rid)
+        finally:
+            rt.in_flight -= 1
+            rt.metrics.in_flight.dec()
+
+    async def serve(self, request: web.BaseRequest, config: Config,
+                    rid: str) -> web.StreamResponse:
+        try:
+            body = await read_body(request, config.limits.max_body_bytes)
+        except BodyTooLarge:
+            self.rt.metrics.rejected.labels("too_large").inc()
+            response = error_response(413, "request body over limits.max_body_bytes "
+                                      f"({config.limits.max_body_bytes} bytes)", rid)
+            response.force_close()
+            return response
+        json_body = json_fields(request, body) if config.routing.reads_json else None
+        facts = Facts(request.method, request.path, request.headers, request.cookies,
+                      request.query, json_body)
+        decision = self.rt.decide(facts, config, random.random)
+        if decision.gone:
+            return self.gone(config, rid)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self.websocket(request, decision, rid)
+        peer = request.remote or ""
+        out = upstream_headers(request.headers, rid=rid, peer=peer, scheme=request.scheme,
+                               host=request.headers.get("Host"),
+                               trusted_hops=config.limits.trusted_hops)
+        path_qs = request.raw_path
+        primary_seen = self.rt.mirror(request.method, path_qs, out, body, rid) \
+            if decision.mirror else None
+        try:
+            answer = await self.rt.obtain(decision, request.method, path_qs, out, body)
+        except UpstreamError as exc:
+            if primary_seen is not None:
+                primary_seen.set_result((self.failed(exc), None))
+            return error_response(exc.status, str(exc), rid,
+                                  X_Rollout_Backend=decision.primary)
+        return await self.relay(request, answer, decision, rid, primary_seen)
+
+    def failed(self, exc: UpstreamError) -> Measurement:
+        return Measurement(None, 0.0, None, 0, None, False, None, exc.kind)
+
+    def gone(self, config: Config, rid: str) -> web.Response:
+        message = "this service has moved to its next generation; opting out is no longer possible"
+        body: dict[str, Any] = {"error": message, "request_id": rid}
+        if config.rollout.migration_url:
+            body["migration_url"] = config.rollout.migration_url
+        response = web.Response(status=410, text=json.dumps(body),
+                                content_type="application/json")
+        response.headers["X-Request-Id"] = rid
+        response.headers["X-Rollout-Backend"] = "legacy"
+        return response
+
+    async def relay(self, request: web.BaseRequest, answer: Answer, decision: Decision,
+                    rid: str, primary_seen: asyncio.Future[Any] | None) -> web.StreamResponse:
+        upstream, config = answer.response, self.rt.config
+        headers = downstream_headers(upstream.headers)
+        headers["X-Rollout-Backend"] = answer.backend
+        headers["X-Request-Id"] = rid
+        if answer.fallback_reason:
+            headers["X-Rollout-Fallback"] = "true"
+        if answer.backend == "legacy" and decision.deprecated:
+            headers.extend(self.rt.deprecation_headers())
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=headers)
+        length = upstream.content_length
+        if length is not None and upstream.status not in NO_BODY_STATUS:
+            response.content_length = length
+        tee = Tee(wants_body(upstream.headers, config.telemetry, primary_seen is not None),
+                  config.telemetry.json_max_bytes)
+        first_byte, error = None, None
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                if first_byte is None:
+                    first_byte = time.monotonic()
+                tee.feed(chunk)
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = read_error(exc, answer.backend)
+        except ConnectionResetError:
+            error = UpstreamError("client_gone", "the client went away")
+        finally:
+            if error is None:
+                upstream.release()
+            else:
+                upstream.close()
+        ended = time.monotonic()
+        seen = measure(None if error else upstream.status, upstream.headers, tee.json(),
+                       started=answer.started, first_byte=first_byte, ended=ended,
+                       size=tee.size, telemetry=config.telemetry,
+                       error=error.kind if error else None)
+        self.rt.record(answer, seen)
+        if primary_seen is not None and not primary_seen.done():
+            primary_seen.set_result((seen, tee.json()))
+        if error is not None:
+            log.warning(json.dumps({"event": "answer_cut", "request_id": rid,
+                                    "backend": answer.backend, "error": str(error)}))
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    async def websocket(self, request: web.BaseRequest, decision: Decision,
+                        rid: str) -> web.StreamResponse:
+        """Pass a WebSocket through to the primary backend, frames both ways."""
+        pool = self.rt.pools[decision.primary]
+        url = pool.backend.url.replace("http", "ws", 1) + request.raw_path
+        headers = CIMultiDict({"X-Request-Id": rid})
+        for name in ("Authorization", "Cookie", "X-User-Id", "Origin"):
+            if name in request.headers:
+                headers[name] = request.headers[name]
+        try:
+            upstream = await pool.session.ws_connect(url, headers=headers)
+        except aiohttp.ClientError as exc:
+            return error_response(502, f"websocket to {decision.primary} failed: {exc}", rid)
+        client = web.WebSocketResponse(protocols=upstream.protocol and (upstream.protocol,) or ())
+        client.headers["X-Rollout-Backend"] = decision.primary
+        await client.prepare(request)  # type: ignore[arg-type]
+        await asyncio.gather(pump(client, upstream), pump(upstream, client))
+        return client
+
+
+async def pump(source: Any, sink: Any) -> None:
+    async for message in source:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif message.type == aiohttp.WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        else:
+            break
+    await sink.close()

@@ -1,0 +1,140 @@
+"""Rollout state: the YAML's plan plus a runtime override, persisted so it survives a restart.
+
+Rules:
+1. Effective phase and percentage = the YAML, then the schedule steps applied so far, then
+   the override (rollback, percentage, promote) with who, why and when.
+2. A step applies when due, not paused, no rollback in force, and every guard passes;
+   steps already due at start (or reload) apply at once, the latest winning.
+3. The state file is replaced atomically (write, fsync, rename): a crash never leaves half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from proxy.config import PHASES, RolloutConfig, ScheduleStep, to_datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    action: str  # rollback | percentage | promote
+    phase: str | None
+    percentage: float | None
+    reason: str
+    by: str
+    at: str  # RFC 3339
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """Everything that outlives the process."""
+
+    override: Override | None = None
+    paused: bool = False
+    paused_at: str | None = None
+    promoted_through: str | None = None  # schedule steps up to this `at` count as due
+    default_since: float | None = None  # unix seconds `default` began (the Deprecation moment)
+    tripped: tuple[str, ...] = field(default_factory=tuple)  # guards that fired, until reset
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Stored:
+        override = data.get("override")
+        return Stored(
+            override=Override(**override) if isinstance(override, dict) else None,
+            paused=bool(data.get("paused", False)), paused_at=data.get("paused_at"),
+            promoted_through=data.get("promoted_through"),
+            default_since=data.get("default_since"),
+            tripped=tuple(data.get("tripped", ())),
+        )
+
+
+class Store(Protocol):
+    """Where the state lives: a file now; a shared store (redis) can implement the same."""
+
+    def load(self) -> Stored: ...
+
+    def save(self, stored: Stored) -> None: ...
+
+
+class FileStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> Stored:
+        try:
+            return Stored.from_json(json.loads(self.path.read_text()))
+        except FileNotFoundError:
+            return Stored()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"state file {self.path} is unreadable: {exc}") from exc
+
+    def save(self, stored: Stored) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(stored.to_json(), handle, indent=2)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def now_rfc3339(now: datetime) -> str:
+    return now.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def due_steps(schedule: tuple[ScheduleStep, ...], stored: Stored, now: datetime) -> int:
+    """How many schedule steps are due: passed, or promoted through; a pause freezes time."""
+    horizon = now
+    if stored.paused and stored.paused_at:
+        horizon = min(now, to_datetime(stored.paused_at) or now)
+    promoted = to_datetime(stored.promoted_through) if stored.promoted_through else None
+    count = 0
+    for index, step in enumerate(schedule):
+        if step.at <= horizon or (promoted is not None and step.at <= promoted):
+            count = index + 1
+    return count
+
+
+def scheduled(rollout: RolloutConfig, applied: int) -> tuple[str, float]:
+    phase, percentage = rollout.phase, rollout.percentage
+    for step in rollout.schedule[:applied]:
+        phase = step.phase or phase
+        percentage = step.percentage if step.percentage is not None else percentage
+    return phase, percentage
+
+
+def effective(rollout: RolloutConfig, stored: Stored, applied: int) -> tuple[str, float]:
+    phase, percentage = scheduled(rollout, applied)
+    override = stored.override
+    if override is not None:
+        phase = override.phase or phase
+        percentage = override.percentage if override.percentage is not None else percentage
+    return phase, percentage
+
+
+def next_phase(phase: str) -> str | None:
+    index = PHASES.index(phase)
+    return PHASES[index + 1] if index + 1 < len(PHASES) else None
+
+
+def rolled_back(stored: Stored) -> bool:
+    return stored.override is not None and stored.override.action == "rollback"
+
+
+def with_override(stored: Stored, override: Override | None) -> Stored:
+    return replace(stored, override=override)

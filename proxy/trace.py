@@ -1,0 +1,82 @@
+"""The comparison trace: JSON Lines written by a buffered background writer.
+
+Rules: the event loop never touches the disk (writes run in a thread); the buffer is bounded
+(past it a line is dropped and counted, never blocking traffic); the file rotates by size
+(X → X.1 → X.2 …, `keep` old files); `close()` flushes every buffered line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from proxy.metrics import Metrics
+
+log = logging.getLogger("rollout_proxy")
+MAX_BUFFERED = 100_000
+
+
+class TraceWriter:
+    def __init__(self, path: Path, *, max_bytes: int, keep: int, metrics: Metrics,
+                 interval_s: float = 0.5) -> None:
+        self.path, self.max_bytes, self.keep = path, max_bytes, keep
+        self.metrics, self.interval_s = metrics, interval_s
+        self.buffer: list[str] = []
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.lock = asyncio.Lock()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if len(self.buffer) >= MAX_BUFFERED:
+            self.metrics.trace_lines.labels("dropped").inc()
+            return
+        self.buffer.append(json.dumps(record, separators=(",", ":")) + "\n")
+        self.metrics.trace_lines.labels("written").inc()
+        if len(self.buffer) >= 1000:
+            self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.interval_s)
+            self.wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self.lock:
+            if not self.buffer:
+                return
+            lines, self.buffer = self.buffer, []
+            try:
+                await asyncio.to_thread(self._append, "".join(lines))
+            except OSError as exc:
+                self.metrics.trace_lines.labels("error").inc(len(lines))
+                log.error(json.dumps({"event": "trace_write_failed", "path": str(self.path),
+                                      "error": str(exc), "lines": len(lines)}))
+
+    def _append(self, text: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = text.encode()
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.stat().st_size + len(data) > self.max_bytes:
+                self._rotate()
+        with self.path.open("ab") as handle:
+            handle.write(data)
+
+    def _rotate(self) -> None:
+        if self.keep <= 0:
+            self.path.unlink()
+            return
+        for index in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    async def close(self) -> None:
+        await self.flush()
