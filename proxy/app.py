@@ -84,7 +84,7 @@ class HeadDeadlineHandler(RequestHandler):
 class ProxySite(web.BaseSite):
     """A TCP site whose connections get the head deadline; SO_REUSEPORT for --workers."""
 
-    def __init__(self, runner: web.BaseRunner[Any], host: str, port: int,
+    def __init__(self, runner: web.BaseRunner, host: str, port: int,
                  header_timeout_s: float, reuse_port: bool = False) -> None:
         super().__init__(runner, backlog=2048)
         self._host, self._port, self._reuse_port = host, port, reuse_port
@@ -121,7 +121,7 @@ class Proxy:
     admin: Admin
     trace: TraceWriter | None
     handler: ProxyHandler
-    runners: list[web.BaseRunner[Any]] = field(default_factory=list)
+    runners: list[web.BaseRunner] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -183,7 +183,7 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
     rt.tasks.spawn(proxy.control.run(), name="control-loop")
     proxy.control.tick()
 
-    server = web.Server(proxy.handler, access_log=None, keepalive_timeout=75,  # type: ignore[arg-type]
+    server = web.Server(proxy.handler, access_log=None, keepalive_timeout=75,
                         max_field_size=16384)
     runner = web.ServerRunner(server, handle_signals=False,
                               shutdown_timeout=max(config.limits.drain_timeout_s, 0.1))
@@ -217,11 +217,10 @@ async def stop(proxy: Proxy) -> None:
     proxy_runner, admin_runner = proxy.runners
     for site in list(proxy_runner.sites):
         await site.stop()  # stop accepting; connections in flight go on
-    deadline = rt.config.limits.drain_timeout_s
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while rt.in_flight > 0 and loop.time() < end:
-        await asyncio.sleep(0.05)
+    if rt.in_flight > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(rt.config.limits.drain_timeout_s):
+                await rt.idle.wait()
     await proxy_runner.cleanup()
     if rt.shadow is not None:
         await rt.shadow.close(SHADOW_GRACE_S)

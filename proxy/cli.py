@@ -115,12 +115,8 @@ def format_assign(config: Config, users: list[str]) -> str:
     lines = []
     for user in users:
         value = bucket(salt, user)
-        if phase in ("default", "sunset"):
-            backend = "next_gen"
-        elif phase == "progressive" and on_next_gen(value, percentage):
-            backend = "next_gen"
-        else:
-            backend = "legacy"
+        served = phase == "progressive" and on_next_gen(value, percentage)
+        backend = "next_gen" if phase in ("default", "sunset") or served else "legacy"
         lines.append(f"{user}  bucket {value}  {backend}  (phase {phase}, {percentage:g} %)")
     return "\n".join(lines)
 
@@ -194,7 +190,7 @@ def call_admin(args: argparse.Namespace, method: str, path: str,
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:

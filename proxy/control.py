@@ -10,7 +10,6 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections import deque
@@ -229,11 +228,3 @@ class Controller:
         log.info(json.dumps({"event": "config_reloaded", "version": config.version}))
         return True
 
-
-async def wait_for(event: asyncio.Event, timeout: float) -> bool:
-    try:
-        async with asyncio.timeout(timeout):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True

@@ -37,7 +37,8 @@ PROFILES = {
 }
 
 
-def backend_app(profile: Profile, speed: float, rng: random.Random | None = None) -> web.Application:
+def backend_app(profile: Profile, speed: float,
+                rng: random.Random | None = None) -> web.Application:
     rng = rng or random.Random()
 
     async def task(request: web.Request) -> web.Response:
@@ -85,7 +86,8 @@ def pick_port(preferred: int) -> int:
         return int(sock.getsockname()[1])
 
 
-async def run_backend(app: web.Application, port: int, host: str = "127.0.0.1") -> web.AppRunner:
+async def run_backend(app: web.Application, port: int,
+                      host: str = "127.0.0.1") -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
@@ -116,7 +118,7 @@ async def demo(speed: float, directory: Path) -> None:
     path.write_text(yaml.safe_dump(demo_config(*ports), sort_keys=False))
     proxy = build(load_config(path))
     await start(proxy)
-    print(f"""rollout-proxy demo (speed x{speed:g}), phase shadow: legacy serves, next_gen is mirrored
+    print(f"""rollout-proxy demo (speed x{speed:g}), phase shadow: legacy serves, next_gen mirrored
   proxy:   http://127.0.0.1:{ports[2]}
   admin:   http://127.0.0.1:{ports[3]}/admin/status   metrics: http://127.0.0.1:{ports[3]}/metrics
   legacy:  http://127.0.0.1:{ports[0]}   next_gen: http://127.0.0.1:{ports[1]}

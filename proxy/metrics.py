@@ -10,9 +10,9 @@ import os
 
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: E402
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from proxy.config import BACKENDS, PHASES  # noqa: E402
+from proxy.config import BACKENDS, PHASES
 
 ROLES = ("primary", "shadow", "fallback")
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")

@@ -26,7 +26,7 @@ from proxy.guards import Windows
 from proxy.metrics import Metrics
 from proxy.observe import Measurement
 from proxy.routing import Decision, Facts, Plan, bucket, decide, on_next_gen
-from proxy.state import Stored, Store, due_steps, effective, now_rfc3339
+from proxy.state import Store, Stored, due_steps, effective, now_rfc3339
 from proxy.tasks import Tasks
 from proxy.upstream import Pool, UpstreamError, make_pool, send
 
@@ -56,6 +56,7 @@ class Runtime:
         self.tasks = Tasks()
         self.in_flight = 0
         self.draining = False
+        self.idle = asyncio.Event()  # set when the last request in flight ends while draining
         self.pools: dict[str, Pool] = {}
         self.stored = store.load()
         self.applied = due_steps(config.rollout.schedule, self.stored, clock())

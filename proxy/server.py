@@ -87,6 +87,8 @@ class ProxyHandler:
         finally:
             rt.in_flight -= 1
             rt.metrics.in_flight.dec()
+            if rt.draining and rt.in_flight == 0:
+                rt.idle.set()
 
     async def serve(self, request: web.BaseRequest, config: Config,
                     rid: str) -> web.StreamResponse:
@@ -200,9 +202,9 @@ class ProxyHandler:
             upstream = await pool.session.ws_connect(url, headers=headers)
         except aiohttp.ClientError as exc:
             return error_response(502, f"websocket to {decision.primary} failed: {exc}", rid)
-        client = web.WebSocketResponse(protocols=upstream.protocol and (upstream.protocol,) or ())
+        client = web.WebSocketResponse(protocols=(upstream.protocol and (upstream.protocol,)) or ())
         client.headers["X-Rollout-Backend"] = decision.primary
-        await client.prepare(request)  # type: ignore[arg-type]
+        await client.prepare(request)
         await asyncio.gather(pump(client, upstream), pump(upstream, client))
         return client
 

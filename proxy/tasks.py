@@ -28,11 +28,11 @@ class Tasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def wait(self, timeout: float) -> int:
-        """Let running tasks finish for up to `timeout` s; cancel the rest. Returns how many."""
+    async def wait(self, grace_s: float) -> int:
+        """Let running tasks finish for up to `grace_s`; cancel the rest. Returns how many."""
         pending = set(self._tasks)
-        if pending and timeout > 0:
-            _, pending = await asyncio.wait(pending, timeout=timeout)
+        if pending and grace_s > 0:
+            _, pending = await asyncio.wait(pending, timeout=grace_s)
         for task in pending:
             task.cancel()
         if pending:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import ClassVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -22,8 +23,8 @@ SKIP_AUTO = frozenset({"Accept-Encoding", "User-Agent", "Content-Type"})
 class UpstreamError(Exception):
     """A backend gave no usable answer. `kind` names why; `status` is what the client gets."""
 
-    STATUS = {"connect_error": 502, "timeout": 504, "reset": 502, "bad_response": 502,
-              "truncated": 502}
+    STATUS: ClassVar[dict[str, int]] = {"connect_error": 502, "timeout": 504, "reset": 502,
+                                        "bad_response": 502, "truncated": 502}
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")

@@ -57,7 +57,7 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 def load_yaml(text: str) -> Any:
     """Parse YAML; a syntax error becomes a ConfigError naming the line."""
     try:
-        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -114,7 +114,7 @@ class Section:
         if integer and not float(value).is_integer():
             self.report(key, f"must be a whole number, got {value!r}")
             return default
-        if low is not None and (value <= low if low_open else value < low) or (
+        if (low is not None and (value <= low if low_open else value < low)) or (
                 high is not None and value > high):
             self.report(key, range_message(low, high, low_open, value))
             return default
@@ -131,7 +131,8 @@ class Section:
         value = self.raw(key, default)
         if value in choices:
             return str(value)
-        self.report(key, f"must be one of {', '.join(choices)}, got {value!r}{suggest(value, choices)}")
+        hint = suggest(value, choices)
+        self.report(key, f"must be one of {', '.join(choices)}, got {value!r}{hint}")
         return default
 
     def flag(self, key: str, default: bool) -> bool:
