@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.control import Controller, Refused
 from proxy.runtime import Runtime
@@ -56,7 +56,7 @@ class Admin:
         return json_response(200, {"ready": True, "config_version": self.rt.config.version})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.rt.metrics.registry),
+        return web.Response(body=self.rt.metrics.exposition(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def status(self, request: web.Request) -> web.Response:

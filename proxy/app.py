@@ -128,14 +128,15 @@ class Proxy:
 
 def build(config: Config, *, registry: CollectorRegistry | None = None,
           store: Store | None = None, token: Callable[[], str | None] | None = None,
-          **clocks: Any) -> Proxy:
-    metrics = Metrics(registry)
+          multiprocess_dir: str | None = None, worker: int = 0, **clocks: Any) -> Proxy:
+    metrics = Metrics(registry, multiprocess_dir)
     runtime = Runtime(config, metrics=metrics, store=store or FileStore(config.state.path),
                       **clocks)
     trace = None
     if config.telemetry.trace_file is not None:
         trace = TraceWriter(config.telemetry.trace_file, max_bytes=config.telemetry.trace_max_bytes,
-                            keep=config.telemetry.trace_keep, metrics=metrics)
+                            keep=config.telemetry.trace_keep, metrics=metrics,
+                            rotate=worker == 0)
     runtime.breaker.on_change = lambda state: metrics.circuit.labels("next_gen").set(
         {"closed": 0, "open": 1, "half_open": 2}[state])
     control = Controller(runtime, path=config.source,
@@ -232,9 +233,10 @@ async def stop(proxy: Proxy) -> None:
     log.info(json.dumps({"event": "stopped", "left_in_flight": rt.in_flight}))
 
 
-async def serve(path: Path, *, reuse_port: bool = False) -> int:
+async def serve(path: Path, *, reuse_port: bool = False, worker: int = 0,
+                multiprocess_dir: str | None = None) -> int:
     config = load_config(path)
-    proxy = build(config)
+    proxy = build(config, multiprocess_dir=multiprocess_dir, worker=worker)
     await start(proxy, reuse_port=reuse_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

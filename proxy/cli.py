@@ -145,6 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from proxy.app import serve
+    from proxy.workers import MULTIPROC_ENV, WORKER_ENV, supervise
 
     setup_logging()
     try:
@@ -152,7 +153,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(format_problems(exc, args.config), file=sys.stderr)
         return 1
-    result: int = uvloop.run(serve(Path(args.config)))
+    if args.workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    index = os.environ.get(WORKER_ENV)
+    if args.workers > 1 and index is None:
+        return supervise(Path(args.config), args.workers)
+    result: int = uvloop.run(serve(Path(args.config), worker=int(index or 0),
+                                   multiprocess_dir=os.environ.get(MULTIPROC_ENV),
+                                   reuse_port=index is not None))
     return result
 
 
@@ -320,3 +329,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

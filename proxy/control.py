@@ -123,9 +123,20 @@ class Controller:
 
     def tick(self) -> None:
         self.check_reload()
+        self.sync_state()
         self.verdicts = self.judge()
         self.act_on(self.verdicts)
         self.advance_schedule()
+
+    def sync_state(self) -> None:
+        """Adopt a change another process made to the shared state (workers, replicas)."""
+        fresh = self.rt.store.poll()
+        if fresh is not None and fresh != self.rt.stored:
+            self.rt.stored = fresh
+            self.rt.applied = max(self.rt.applied, self._due())
+            self.rt.refresh()
+            log.info(json.dumps({"event": "state_synced", "phase": self.rt.plan.phase,
+                                 "percentage": self.rt.plan.percentage}))
 
     def _due(self) -> int:
         return due_steps(self.rt.config.rollout.schedule, self.rt.stored, self.rt.clock())

@@ -7,10 +7,12 @@ small fixed sets (backends, roles, code classes, reasons, phases).
 from __future__ import annotations
 
 import os
+from typing import Final
 
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.config import BACKENDS, PHASES
 
@@ -28,8 +30,10 @@ def code_class(status: int | None) -> str:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 multiprocess_dir: str | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
         r = self.registry
         self.requests = Counter("rollout_requests", "Answers by backend, role and status class",
                                 ["backend", "role", "code_class"], registry=r)
@@ -45,23 +49,29 @@ class Metrics:
         self.shadow_dropped = Counter("rollout_shadow_dropped", "Mirrors not sent or not finished",
                                       ["reason"], registry=r)
         self.shadow_in_flight = Gauge("rollout_shadow_in_flight", "Mirrors running now",
+                                      multiprocess_mode="livesum",
                                       registry=r)
         self.fallbacks = Counter("rollout_fallbacks", "Requests legacy answered for next_gen",
                                  ["reason"], registry=r)
-        self.percentage = Gauge("rollout_percentage", "Effective rollout percentage", registry=r)
-        self.phase = Gauge("rollout_phase", "1 for the effective phase", ["phase"], registry=r)
-        self.paused = Gauge("rollout_paused", "1 while the schedule is paused", registry=r)
+        latest: Final = "mostrecent"  # with --workers, a gauge every worker sets alike
+        self.percentage = Gauge("rollout_percentage", "Effective rollout percentage",
+                                multiprocess_mode=latest, registry=r)
+        self.phase = Gauge("rollout_phase", "1 for the effective phase", ["phase"],
+                           multiprocess_mode=latest, registry=r)
+        self.paused = Gauge("rollout_paused", "1 while the schedule is paused",
+                            multiprocess_mode=latest, registry=r)
         self.rollbacks = Counter("rollout_rollbacks", "Rollbacks by trigger", ["trigger"],
                                  registry=r)
         self.reloads = Counter("rollout_config_reloads", "Config reloads by result", ["result"],
                                registry=r)
         self.circuit = Gauge("rollout_circuit_state", "0 closed, 1 open, 2 half_open",
-                             ["backend"], registry=r)
+                             ["backend"], multiprocess_mode=latest, registry=r)
         self.guard_state = Gauge("rollout_guard_state", "1 when a guard is tripped", ["guard"],
-                                 registry=r)
+                                 multiprocess_mode=latest, registry=r)
         self.admin_changes = Counter("rollout_admin_changes", "Runtime changes by action",
                                      ["action"], registry=r)
         self.in_flight = Gauge("rollout_in_flight_requests", "Client requests being served",
+                               multiprocess_mode="livesum",
                                registry=r)
         self.rejected = Counter("rollout_rejected_requests", "Requests the proxy refused itself",
                                 ["reason"], registry=r)
@@ -103,3 +113,11 @@ class Metrics:
             self.phase.labels(name).set(1 if name == phase else 0)
         self.percentage.set(percentage)
         self.paused.set(1 if paused else 0)
+
+    def exposition(self) -> bytes:
+        """The text for /metrics: this process's, or the sum of every worker's (--workers)."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)

@@ -65,18 +65,38 @@ class Store(Protocol):
 
     def save(self, stored: Stored) -> None: ...
 
+    def poll(self) -> Stored | None:
+        """The state, if another process (a worker, a replica) changed it since we looked."""
+
 
 class FileStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.stamp: tuple[int, int] | None = None
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_ino
 
     def load(self) -> Stored:
+        self.stamp = self._stamp()
         try:
             return Stored.from_json(json.loads(self.path.read_text()))
         except FileNotFoundError:
             return Stored()
         except (ValueError, TypeError) as exc:
             raise ValueError(f"state file {self.path} is unreadable: {exc}") from exc
+
+    def poll(self) -> Stored | None:
+        if self._stamp() == self.stamp:
+            return None
+        try:
+            return self.load()
+        except ValueError:
+            return None
 
     def save(self, stored: Stored) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +107,7 @@ class FileStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
+            self.stamp = self._stamp()
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

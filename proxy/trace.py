@@ -23,8 +23,9 @@ MAX_BUFFERED = 100_000
 
 class TraceWriter:
     def __init__(self, path: Path, *, max_bytes: int, keep: int, metrics: Metrics,
-                 interval_s: float = 0.5) -> None:
+                 interval_s: float = 0.5, rotate: bool = True) -> None:
         self.path, self.max_bytes, self.keep = path, max_bytes, keep
+        self.rotate = rotate  # with --workers only worker 0 rotates; the others append
         self.metrics, self.interval_s = metrics, interval_s
         self.buffer: list[str] = []
         self.wake = asyncio.Event()
@@ -63,7 +64,7 @@ class TraceWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = text.encode()
         with contextlib.suppress(FileNotFoundError):
-            if self.path.stat().st_size + len(data) > self.max_bytes:
+            if self.rotate and self.path.stat().st_size + len(data) > self.max_bytes:
                 self._rotate()
         with self.path.open("ab") as handle:
             handle.write(data)
