@@ -53,7 +53,10 @@ class Admin:
             return json_response(503, {"ready": False, "detail": "draining"})
         if not self.started:
             return json_response(503, {"ready": False, "detail": "starting"})
-        return json_response(200, {"ready": True, "config_version": self.rt.config.version})
+        body: dict[str, Any] = {"ready": True, "config_version": self.rt.config.version}
+        if getattr(self.rt.store, "up", True) is False:
+            body["detail"] = "state store unreachable: serving with the last known state"
+        return json_response(200, body)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.rt.metrics.exposition(),

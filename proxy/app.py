@@ -30,7 +30,7 @@ from proxy.metrics import Metrics
 from proxy.runtime import Runtime
 from proxy.server import ProxyHandler
 from proxy.shadow import Shadow
-from proxy.state import FileStore, Store
+from proxy.state import FileStore, Store, due_steps
 from proxy.trace import TraceWriter
 from proxy.upstream import make_pool
 
@@ -130,7 +130,7 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
           store: Store | None = None, token: Callable[[], str | None] | None = None,
           multiprocess_dir: str | None = None, worker: int = 0, **clocks: Any) -> Proxy:
     metrics = Metrics(registry, multiprocess_dir)
-    runtime = Runtime(config, metrics=metrics, store=store or FileStore(config.state.path),
+    runtime = Runtime(config, metrics=metrics, store=store or make_store(config, metrics),
                       **clocks)
     trace = None
     if config.telemetry.trace_file is not None:
@@ -144,6 +144,14 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
     env_name = config.admin.token_env
     admin = Admin(runtime, control, token or (lambda: os.environ.get(env_name) or None))
     return Proxy(runtime, control, admin, trace, ProxyHandler(runtime))
+
+
+def make_store(config: Config, metrics: Metrics) -> Store:
+    if config.state.backend == "redis" and config.state.redis_url:
+        from proxy.redis_store import RedisStore
+
+        return RedisStore(config.state.redis_url, metrics)
+    return FileStore(config.state.path)
 
 
 def apply_config(runtime: Runtime, new: Config) -> None:
@@ -162,8 +170,6 @@ def apply_config(runtime: Runtime, new: Config) -> None:
     runtime.budget.ratio = new.fallback.budget_ratio
     if runtime.shadow is not None:
         runtime.shadow.config = new
-    from proxy.state import due_steps
-
     runtime.applied = due_steps(new.rollout.schedule, runtime.stored, runtime.clock())
     runtime.refresh()
 
@@ -175,6 +181,10 @@ async def close_later(pool: Any, delay_s: float) -> None:
 
 async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
     rt, config = proxy.runtime, proxy.runtime.config
+    await rt.store.start()
+    rt.stored = rt.store.load()
+    rt.applied = due_steps(config.rollout.schedule, rt.stored, rt.clock())
+    rt.refresh()
     await rt.start()
     shadow_pool = make_pool(config.backends["next_gen"], timeout_s=config.shadow.timeout_s,
                             limit=max(1, config.shadow.max_in_flight))
@@ -229,6 +239,7 @@ async def stop(proxy: Proxy) -> None:
     if proxy.trace is not None:
         await proxy.trace.close()
     await rt.close()
+    await rt.store.close()
     await admin_runner.cleanup()
     log.info(json.dumps({"event": "stopped", "left_in_flight": rt.in_flight}))
 

@@ -503,7 +503,9 @@ def read_state(s: Section, base: Path) -> StateConfig:
         path=base / (s.text("path", "state/rollout-state.json") or "state/rollout-state.json"),
         redis_url=s.text("redis_url", None),
     )
-    if result.backend == "redis":
-        s.report("backend", "redis is not available in this version; use file")
+    if result.backend == "redis" and not result.redis_url:
+        s.report("redis_url", "is required with state.backend: redis, e.g. redis://127.0.0.1:6379/0")
+    elif result.redis_url and urlsplit(result.redis_url).scheme not in ("redis", "rediss", "unix"):
+        s.report("redis_url", f"must be a redis:// URL, got {result.redis_url!r}")
     s.close(["backend", "path", "redis_url"])
     return result

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from proxy.runtime import Runtime
 from proxy.state import Override, due_steps, next_phase, rolled_back
 
 log = logging.getLogger("rollout_proxy")
+MAX_COMPLAINTS = 10_000  # kept in the shared state: an hour's worth at most
 
 
 class Refused(Exception):
@@ -39,7 +39,6 @@ class Controller:
     def __init__(self, runtime: Runtime, *, path: Path | None,
                  apply_config: Callable[[Config], None]) -> None:
         self.rt, self.path, self.apply_config = runtime, path, apply_config
-        self.complaints: deque[tuple[float, str]] = deque()
         self.verdicts: list[Verdict] = []
         self.file_stamp = self._stamp()
         self.waiting_reason = ""
@@ -109,7 +108,10 @@ class Controller:
         self.change("reset", by)
 
     def complaint(self, backend: str) -> None:
-        self.complaints.append((self.rt.monotonic(), backend))
+        now = self.rt.clock().timestamp()
+        kept = tuple(c for c in self.rt.stored.complaints if c[0] > now - 3600)[-MAX_COMPLAINTS:]
+        self.rt.save(replace(self.rt.stored, complaints=(*kept, (now, backend))))
+        self.rt.metrics.complaints.labels(backend).inc()
 
     # The loop ------------------------------------------------------------------------------
 
@@ -142,10 +144,9 @@ class Controller:
         return due_steps(self.rt.config.rollout.schedule, self.rt.stored, self.rt.clock())
 
     def complaints_last_hour(self) -> int:
-        edge = self.rt.monotonic() - 3600
-        while self.complaints and self.complaints[0][0] < edge:
-            self.complaints.popleft()
-        return sum(1 for _, backend in self.complaints if backend == "next_gen")
+        edge = self.rt.clock().timestamp() - 3600
+        return sum(1 for at, backend in self.rt.stored.complaints
+                   if at > edge and backend == "next_gen")
 
     def judge(self) -> list[Verdict]:
         windows = self.rt.windows

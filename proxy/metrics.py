@@ -70,11 +70,17 @@ class Metrics:
                                  multiprocess_mode=latest, registry=r)
         self.admin_changes = Counter("rollout_admin_changes", "Runtime changes by action",
                                      ["action"], registry=r)
+        self.complaints = Counter("rollout_complaints", "Complaints by the backend they concern",
+                                  ["backend"], registry=r)
         self.in_flight = Gauge("rollout_in_flight_requests", "Client requests being served",
                                multiprocess_mode="livesum",
                                registry=r)
         self.rejected = Counter("rollout_rejected_requests", "Requests the proxy refused itself",
                                 ["reason"], registry=r)
+        self.state_store_up = Gauge("rollout_state_store_up",
+                                    "1 while the shared state store is reachable",
+                                    multiprocess_mode=latest, registry=r)
+        self.state_store_up.set(1)
         self.trace_lines = Counter("rollout_trace_lines", "Comparison trace lines", ["result"],
                                    registry=r)
         self._children: dict[tuple[str, str, str], Counter] = {}

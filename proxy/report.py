@@ -88,7 +88,14 @@ def read_lines(files: Sequence[Path], problems: list[str],
                         progress(done + raw.tell(), count)
         except (OSError, EOFError, zlib.error) as exc:
             problems.append(f"{file}: unreadable after line {number}: {exc}")
-        done += file.stat().st_size if file.exists() else 0
+        done += _size(file)
+
+
+def _size(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except OSError:  # rotated away since it was listed: counted as empty
+        return 0
 
 
 def read_trace(path: Path, progress: Progress | None = None) -> Summary:
@@ -145,7 +152,7 @@ class ProgressBar:
 
 
 def _load(path: Path) -> Summary:
-    total = sum(f.stat().st_size for f in trace_files(path) if f.exists())
+    total = sum(map(_size, trace_files(path)))
     if not (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES):
         return read_trace(path)
     bar = ProgressBar(total, sys.stderr)

@@ -42,6 +42,7 @@ class Stored:
     promoted_through: str | None = None  # schedule steps up to this `at` count as due
     default_since: float | None = None  # unix seconds `default` began (the Deprecation moment)
     tripped: tuple[str, ...] = field(default_factory=tuple)  # guards that fired, until reset
+    complaints: tuple[tuple[float, str], ...] = field(default_factory=tuple)  # (unix s, backend)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +56,8 @@ class Stored:
             promoted_through=data.get("promoted_through"),
             default_since=data.get("default_since"),
             tripped=tuple(data.get("tripped", ())),
+            complaints=tuple((float(at), str(backend))
+                             for at, backend in data.get("complaints", ())),
         )
 
 
@@ -67,6 +70,10 @@ class Store(Protocol):
 
     def poll(self) -> Stored | None:
         """The state, if another process (a worker, a replica) changed it since we looked."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class FileStore:
@@ -89,6 +96,12 @@ class FileStore:
             return Stored()
         except (ValueError, TypeError) as exc:
             raise ValueError(f"state file {self.path} is unreadable: {exc}") from exc
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
     def poll(self) -> Stored | None:
         if self._stamp() == self.stamp:
