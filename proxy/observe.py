@@ -73,8 +73,9 @@ def wants_body(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: 
     """Whether a figure (or a comparison) needs the body: only JSON bodies are ever parsed."""
     if "json" not in headers.get("Content-Type", "") or headers.get("Content-Encoding"):
         return False
-    if compare or telemetry.success.json:
+    if compare:
         return True
+    # Outside a comparison only tokens matter (success feeds comparisons; guards use status).
     return bool(telemetry.tokens.json) and not (
         telemetry.tokens.header and telemetry.tokens.header in headers)
 

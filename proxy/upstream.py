@@ -73,9 +73,12 @@ async def send(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
     """Send a request and wait for the answer's head, within the backend's timeout."""
     url = URL(pool.backend.url + path_qs, encoded=True)
     try:
-        async with asyncio.timeout(pool.timeout_s):
-            return await pool.session.request(method, url, headers=headers, data=body,
-                                              allow_redirects=False, compress=None)
+        # The session's sock_read bounds the wait for the answer's head (first byte).
+        return await pool.session.request(method, url, headers=headers, data=body,
+                                          allow_redirects=False, compress=None)
+    except aiohttp.ConnectionTimeoutError as exc:  # nothing reached the backend
+        raise UpstreamError("connect_error", f"cannot connect to {pool.backend.name} within "
+                            f"{pool.backend.connect_timeout_s:g} s") from exc
     except TimeoutError as exc:
         raise UpstreamError("timeout", f"no answer from {pool.backend.name} "
                             f"within {pool.timeout_s:g} s") from exc
