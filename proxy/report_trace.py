@@ -121,7 +121,8 @@ def _comparison(obj: dict[str, Any], old: Answer, new: Answer) -> Comparison:
     match = obj.get("match")
     if not isinstance(match, dict):
         match = {}
-    stated = obj.get("result")
+    # The proxy writes its verdict as match.result; a top-level result is read too.
+    stated = match.get("result", obj.get("result"))
     error = _text(obj.get("error"))
     kinds: tuple[str, ...] = ()
     result: Result = "match"
@@ -140,7 +141,7 @@ def _comparison(obj: dict[str, Any], old: Answer, new: Answer) -> Comparison:
         kinds,
         old,
         new,
-        _paths(match.get("diff")),
+        _paths(match.get("diff")) if result == "mismatch" else (),  # "<no answer>" is no path
         _paths(match.get("noise")),
     )
 
