@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.control import Controller, Refused
 from proxy.runtime import Runtime
+from proxy.users import day_rates
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -41,7 +42,7 @@ class Admin:
         for name, action in (("rollback", self.rollback), ("promote", self.promote),
                              ("percentage", self.percentage), ("pause", self.pause),
                              ("resume", self.resume), ("reset", self.reset),
-                             ("complaints", self.complaints)):
+                             ("complaints", self.complaints), ("feedback", self.feedback)):
             app.router.add_post(f"/admin/{name}", self.guarded(action))
         return app
 
@@ -73,7 +74,8 @@ class Admin:
                                            f"configured; set ${self.rt.config.admin.token_env} "
                                            "(admin.token_env) in the proxy's environment"})
             given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            if not hmac.compare_digest(given.encode("utf-8", "replace"),
+                                       f"Bearer {token}".encode()):
                 return json_response(401, {"error": "missing or wrong bearer token"})
             try:
                 body = await request.json() if request.can_read_body else {}
@@ -95,8 +97,15 @@ class Admin:
         if not isinstance(reason, str) or not reason.strip():
             raise Refused(400, "reason: required, a short text saying why")
         percentage = number_field(body, "percentage", required=False)
-        self.control.rollback(reason.strip()[:500], by, percentage)
-        return "rolled back" + (f" to {percentage:g} %" if percentage is not None else "")
+        over = body.get("over_s")
+        if over is not None and (isinstance(over, bool) or not isinstance(over, int | float)
+                                 or over < 0):
+            raise Refused(400, f"over_s: must be a number of seconds >= 0, got {over!r}")
+        self.control.rollback(reason.strip()[:500], by, percentage,
+                              over_s=None if over is None else float(over))
+        ramp = self.rt.stored.override.ramp_s if self.rt.stored.override else 0
+        return ("rolled back" + (f" to {percentage:g} %" if percentage is not None else "")
+                + (f" over {ramp:g} s" if ramp else ""))
 
     def promote(self, body: dict[str, Any], by: str) -> str:
         return self.control.promote(by)
@@ -120,14 +129,39 @@ class Admin:
         return "override dropped; following the YAML"
 
     def complaints(self, body: dict[str, Any], by: str) -> str:
-        user, text = body.get("user_id"), body.get("text")
-        if not isinstance(user, str) or not user:
-            raise Refused(400, "user_id: required")
+        text = body.get("text")
         if not isinstance(text, str):
             raise Refused(400, "text: required")
-        backend = self.rt.backend_of_user(user)
+        backend = self.attribute(body)
         self.control.complaint(backend)
         return f"complaint counted against {backend}"
+
+    def attribute(self, body: dict[str, Any]) -> str:
+        """The backend that served `request_id` (remembered), else the user's current one."""
+        rid, user = body.get("request_id"), body.get("user_id")
+        if rid is not None and not isinstance(rid, str):
+            raise Refused(400, "request_id: must be a string")
+        if user is not None and not isinstance(user, str):
+            raise Refused(400, "user_id: must be a string")
+        if rid and rid in self.rt.served:
+            return self.rt.served[rid]
+        if user:
+            return self.rt.backend_of_user(user)
+        if rid:
+            raise Refused(404, "request_id: not among the recent requests this proxy "
+                          "remembers; send user_id too")
+        raise Refused(400, "user_id or request_id: one is required")
+
+    def feedback(self, body: dict[str, Any], by: str) -> str:
+        score = body.get("score")
+        if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5:
+            raise Refused(400, f"score: must be a whole number from 1 to 5, got {score!r}")
+        migrated = body.get("migrated")
+        if migrated is not None and not isinstance(migrated, bool):
+            raise Refused(400, f"migrated: must be true or false, got {migrated!r}")
+        backend = self.attribute(body)
+        self.control.feedback(backend, score, migrated)
+        return f"feedback counted against {backend}"
 
 
 def number_field(body: dict[str, Any], key: str, *, required: bool) -> float | None:
@@ -164,8 +198,11 @@ def status_document(rt: Runtime, control: Controller) -> dict[str, Any]:
         "guards": [v.as_json() for v in control.verdicts],
         "tripped": list(rt.stored.tripped),
         "circuit": {"next_gen": rt.breaker.state},
-        "shadow": {"in_flight": rt.shadow.in_flight if rt.shadow else 0,
-                   "sample": config.shadow.sample},
+        "shadow": shadow_status(rt),
+        "rollback_ramp": ramp_status(rt),
+        "sessions_pinned": len(rt.pins),
+        "feedback": feedback_status(rt),
+        "users": users_status(rt),
         "schedule": {
             "applied": rt.applied, "steps": len(schedule),
             "next": None if pending is None else {
@@ -177,3 +214,73 @@ def status_document(rt: Runtime, control: Controller) -> dict[str, Any]:
         "config_version": config.version,
         "config_loaded_at": config.loaded_at.isoformat().replace("+00:00", "Z"),
     }
+
+
+def shadow_status(rt: Runtime) -> dict[str, Any]:
+    shadow, config = rt.shadow, rt.config.shadow
+    return {
+        "sample": config.sample, "in_flight": shadow.in_flight if shadow else 0,
+        "mirrored": describe_rules(rt),
+        "budget": shadow.budget.status() if shadow else None,
+        "noise": shadow.noise.status() if shadow else None,
+    }
+
+
+def describe_rules(rt: Runtime) -> dict[str, Any]:
+    config, phase = rt.config.shadow, rt.plan.phase
+    if phase not in ("shadow", "opt_in", "progressive"):
+        why = f"phase {phase} mirrors nothing"
+    elif config.sample <= 0:
+        why = "shadow.sample is 0"
+    else:
+        why = f"{config.sample:.0%} of legacy-served requests"
+    return {"what": why, "methods": sorted(config.methods),
+            "never": {"methods": "every method not listed (side effects a copy must not "
+                                 "repeat)",
+                      "paths": list(config.exclude_paths)},
+            "headers_added": dict(config.headers) | {"X-Rollout-Shadow": "1"}}
+
+
+def ramp_status(rt: Runtime) -> dict[str, Any] | None:
+    override = rt.stored.override
+    if override is None or override.ramp_s <= 0:
+        return None
+    now = rt.clock()
+    ramp = override.ramp(now)
+    if ramp is None:
+        return {"done": True, "target": override.percentage or 0.0}
+    percentage, done = ramp
+    return {"done": False, "from": override.ramp_from, "target": override.percentage or 0.0,
+            "percentage": round(percentage, 3), "progress": round(done, 4),
+            "eta_s": round(override.ramp_s * (1 - done), 1)}
+
+
+def feedback_status(rt: Runtime) -> dict[str, Any]:
+    scores = rt.stored.feedback
+    result: dict[str, Any] = {}
+    for backend, counts in scores.items():
+        total = sum(counts.values())
+        mean = sum(int(s) * n for s, n in counts.items()) / total if total else None
+        result[backend] = {"count": total, "mean_score": None if mean is None
+                           else round(mean, 3), "scores": dict(counts)}
+    reports = rt.stored.migrations
+    total = sum(reports.values())
+    result["migration"] = {**reports, "success_rate": round(reports.get("success", 0) / total, 4)
+                           if total else None}
+    return result
+
+
+def users_status(rt: Runtime) -> list[dict[str, Any]]:
+    """Distinct users per backend per UTC day, adoption, and support tickets per user."""
+    if rt.users is None:
+        return []
+    counted = {(day, backend): n for day, per in rt.stored.tickets.items()
+               for backend, n in per.items()}
+    rows = []
+    for row in rt.users.days():
+        tickets = day_rates(str(row["day"]), row, counted)
+        rows.append({**row, "tickets": {"complaints": tickets["complaints"],
+                                        "legacy_rate": tickets["legacy"],
+                                        "next_gen_rate": tickets["next_gen"],
+                                        "ratio": tickets["ratio"]}})
+    return rows

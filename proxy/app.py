@@ -23,16 +23,19 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import Admin
+from proxy.budget import SpendBudget
 from proxy.config import Config, load_config
 from proxy.control import Controller
 from proxy.guards import Windows
 from proxy.metrics import Metrics
 from proxy.runtime import Runtime
 from proxy.server import ProxyHandler
+from proxy.sessions import RedisPins
 from proxy.shadow import Shadow
-from proxy.state import FileStore, Store, due_steps
+from proxy.state import FileStore, Store, due_steps, write_atomically
 from proxy.trace import TraceWriter
 from proxy.upstream import make_pool
+from proxy.users import ActiveUsers, RedisActiveUsers
 
 log = logging.getLogger("rollout_proxy")
 SHADOW_GRACE_S = 2.0
@@ -170,6 +173,8 @@ def apply_config(runtime: Runtime, new: Config) -> None:
     runtime.budget.ratio = new.fallback.budget_ratio
     if runtime.shadow is not None:
         runtime.shadow.config = new
+        runtime.shadow.budget.tokens_cap = new.shadow.tokens_per_hour
+        runtime.shadow.budget.usd_cap = new.shadow.usd_per_hour
     runtime.applied = due_steps(new.rollout.schedule, runtime.stored, runtime.clock())
     runtime.refresh()
 
@@ -182,15 +187,24 @@ async def close_later(pool: Any, delay_s: float) -> None:
 async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
     rt, config = proxy.runtime, proxy.runtime.config
     await rt.store.start()
+    client = getattr(rt.store, "client", None)
+    if client is not None:  # state in Redis: session pins there too, for every replica
+        routing = config.routing
+        rt.pins = RedisPins(client, routing.session_ttl_s, routing.session_max, rt.monotonic)
     rt.stored = rt.store.load()
     rt.applied = due_steps(config.rollout.schedule, rt.stored, rt.clock())
     rt.refresh()
     await rt.start()
-    shadow_pool = make_pool(config.backends["next_gen"], timeout_s=config.shadow.timeout_s,
-                            limit=max(1, config.shadow.max_in_flight))
-    rt.shadow = Shadow(config, shadow_pool, rt.metrics, proxy.trace, rt.windows_add)
+    shadow_pools = {name: make_pool(backend, timeout_s=config.shadow.timeout_s,
+                                    limit=max(1, config.shadow.max_in_flight))
+                    for name, backend in config.backends.items()}
+    budget = SpendBudget(config.shadow.tokens_per_hour, config.shadow.usd_per_hour,
+                         rt.monotonic)
+    rt.shadow = Shadow(config, shadow_pools, rt.metrics, proxy.trace, rt.windows_add, budget)
     if proxy.trace is not None:
         rt.tasks.spawn(proxy.trace.run(), name="trace-writer")
+    rt.users = await load_users(config, rt)
+    rt.tasks.spawn(keep_users(rt, users_file(config)), name="active-users")
     rt.tasks.spawn(proxy.control.run(), name="control-loop")
     proxy.control.tick()
 
@@ -216,6 +230,54 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
                          "percentage": rt.plan.percentage, "config_version": config.version}))
 
 
+def users_file(config: Config) -> Path | None:
+    """The active-user sketches beside the state file (file store only): written once a
+    minute, not with every state change, since 90 days of sketches weigh megabytes."""
+    if config.state.backend == "redis":
+        return None
+    return config.state.path.with_name(config.state.path.stem + ".users.json")
+
+
+async def load_users(config: Config, rt: Runtime) -> Any:
+    client = getattr(rt.store, "client", None)
+    days = config.telemetry.active_users_days
+    if client is not None:
+        return RedisActiveUsers(client, days)
+    path = users_file(config)
+    try:
+        text = await asyncio.to_thread(path.read_text) if path is not None else "{}"
+        return ActiveUsers.from_json(json.loads(text), days)
+    except (OSError, ValueError):
+        return ActiveUsers(days)
+
+
+async def save_users(rt: Runtime, path: Path | None) -> None:
+    users = rt.users
+    if path is None or not isinstance(users, ActiveUsers):
+        return
+    document = json.dumps(users.to_json())
+    try:
+        await asyncio.to_thread(write_atomically, path, document)
+    except OSError as exc:
+        log.error(json.dumps({"event": "users_save_failed", "error": str(exc)}))
+
+
+async def keep_users(rt: Runtime, path: Path | None) -> None:
+    """Flush and recount the active-user sketches; persist them once a minute."""
+    ticks = 0
+    while True:
+        await asyncio.sleep(1)
+        ticks += 1
+        users = rt.users
+        await users.flush()
+        if ticks % 5 == 0:
+            await users.refresh(rt.clock())
+            for backend in ("legacy", "next_gen"):
+                rt.metrics.active_users.labels(backend).set(users.today(backend))
+        if ticks % 60 == 0:
+            await save_users(rt, path)
+
+
 def bound_port(site: web.BaseSite) -> int:
     server = site._server
     sockets = getattr(server, "sockets", None) or []
@@ -236,9 +298,11 @@ async def stop(proxy: Proxy) -> None:
     if rt.shadow is not None:
         await rt.shadow.close(SHADOW_GRACE_S)
     await rt.tasks.wait(0)
+    await save_users(rt, users_file(rt.config))
     if proxy.trace is not None:
         await proxy.trace.close()
     await rt.close()
+    await rt.pins.close()
     await rt.store.close()
     await admin_runner.cleanup()
     log.info(json.dumps({"event": "stopped", "left_in_flight": rt.in_flight}))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.config import Config, ConfigError, load_config
-from proxy.routing import bucket, on_next_gen
+from proxy.routing import bucket, on_next_gen, unleash_value
 from proxy.state import FileStore, Stored, due_steps, effective
 
 DEFAULT_ADMIN = "http://127.0.0.1:9090"
@@ -54,7 +54,7 @@ def stored_state(config: Config) -> Stored:
 def plan_of(config: Config) -> tuple[str, float, int]:
     stored = stored_state(config)
     applied = due_steps(config.rollout.schedule, stored, datetime.now(UTC))
-    phase, percentage = effective(config.rollout, stored, applied)
+    phase, percentage = effective(config.rollout, stored, applied, datetime.now(UTC))
     return phase, percentage, applied
 
 
@@ -110,14 +110,18 @@ def describe_mirroring(phase: str, sample: float) -> str:
 
 
 def format_assign(config: Config, users: list[str]) -> str:
+    """Both bucket values: murmur3 (0..9999) and Unleash's normalizedValue (1..100)."""
     phase, percentage, _ = plan_of(config)
-    salt = config.rollout.salt
+    salt, bucketing = config.rollout.salt, config.routing.bucketing
     lines = []
     for user in users:
-        value = bucket(salt, user)
-        served = phase == "progressive" and on_next_gen(value, percentage)
+        value, unleash = bucket(salt, user), unleash_value(salt, user)
+        chosen = (unleash <= percentage if bucketing == "unleash"
+                  else on_next_gen(value, percentage))
+        served = phase == "progressive" and chosen
         backend = "next_gen" if phase in ("default", "sunset") or served else "legacy"
-        lines.append(f"{user}  bucket {value}  {backend}  (phase {phase}, {percentage:g} %)")
+        lines.append(f"{user}  bucket {value}  unleash {unleash}  {backend}  "
+                     f"(phase {phase}, {percentage:g} %, bucketing {bucketing})")
     return "\n".join(lines)
 
 
@@ -260,14 +264,92 @@ def run_admin(args: argparse.Namespace, method: str, path: str,
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return watch(args, until_done=False)
     return run_admin(args, "GET", "/admin/status")
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `10m`, `1h`, `1h30m` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    total, number = 0.0, ""
+    for char in text.strip().lower():
+        if char.isdigit() or char == ".":
+            number += char
+        elif char in units and number:
+            total, number = total + float(number) * units[char], ""
+        else:
+            raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 10m, 1h)")
+    if number:
+        total += float(number)
+    return total
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"reason": args.reason}
-    if args.percentage is not None:
+    if args.version not in (None, "stable"):
+        print(f"--version: only 'stable' (legacy) is known, got {args.version!r}",
+              file=sys.stderr)
+        return 2
+    if args.percentage is not None and args.version is None:
         body["percentage"] = args.percentage
-    return run_admin(args, "POST", "/admin/rollback", body)
+    if args.over is not None:
+        body["over_s"] = args.over
+    code = run_admin(args, "POST", "/admin/rollback", body)
+    if code == 0 and args.monitor:
+        return watch(args, until_done=True)
+    return code
+
+
+def format_watch_line(status: dict[str, Any]) -> str:
+    ramp = status.get("rollback_ramp") or {}
+    tripped = status.get("tripped") or []
+    parts = [f"phase {status.get('phase')}", f"{status.get('percentage', 0):.2f} %"]
+    if ramp and not ramp.get("done"):
+        parts.append(f"ramp {ramp['progress']:.0%} eta {ramp['eta_s']:.0f} s")
+    figures = status.get("backends", {}).get("next_gen", {})
+    parts.append(f"next_gen errors {figures.get('error_rate', 0):.1%}")
+    parts.append("guards tripped: " + ", ".join(tripped) if tripped else "guards ok")
+    return "  ".join(parts)
+
+
+def watch(args: argparse.Namespace, *, until_done: bool) -> int:
+    """Print the status every 2 s (in place on a terminal). `until_done`: stop once the
+    rollback has landed. Otherwise exit 0 on Ctrl-C while healthy, 1 once a guard fired."""
+    import time
+
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            code, status = call_admin(args, "GET", "/admin/status")
+            if code != 200:
+                print(f"refused ({code or 'unreachable'}): {status.get('error')}",
+                      file=sys.stderr)
+                return 1
+            line = format_watch_line(status)
+            print(("\r\x1b[K" + line) if tty else line, end="" if tty else "\n", flush=True)
+            if status.get("tripped") and not until_done:
+                print()
+                return 1
+            ramp = status.get("rollback_ramp")
+            if until_done and (ramp is None or ramp.get("done")):
+                print("\nrollback complete" if tty else "rollback complete")
+                return 0
+            time.sleep(2)
+    except KeyboardInterrupt:
+        print()
+        return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"score": args.score}
+    if args.user_id:
+        body["user_id"] = args.user_id
+    if args.request_id:
+        body["request_id"] = args.request_id
+    if args.migrated is not None:
+        body["migrated"] = args.migrated == "yes"
+    return run_admin(args, "POST", "/admin/feedback", body)
 
 
 def cmd_simple(path: str) -> Any:
@@ -304,6 +386,7 @@ def parser() -> argparse.ArgumentParser:
         ("pause", "hold the schedule", cmd_simple("/admin/pause")),
         ("resume", "follow the schedule again", cmd_simple("/admin/resume")),
         ("reset", "drop the runtime override", cmd_simple("/admin/reset")),
+        ("feedback", "record a user's score (1..5)", cmd_feedback),
     ]
     for name, help_text, func in admin_verbs:
         verb = verbs.add_parser(name, help=help_text)
@@ -313,9 +396,22 @@ def parser() -> argparse.ArgumentParser:
         verb.set_defaults(func=func)
         if name == "status":
             verb.add_argument("--json", action="store_true")
+            verb.add_argument("--watch", action="store_true",
+                              help="print every 2 s; exit 0 while healthy, 1 once a guard fired")
         if name == "rollback":
             verb.add_argument("--reason", required=True)
-            verb.add_argument("--percentage", type=float)
+            verb.add_argument("--percentage", type=float, help="roll back to N %% (default: "
+                              "all traffic to legacy)")
+            verb.add_argument("--version", help="'stable': all traffic to legacy")
+            verb.add_argument("--over", type=parse_duration, metavar="DURATION",
+                              help="step the percentage down over this long, e.g. 10m")
+            verb.add_argument("--monitor", action="store_true",
+                              help="then print the status every 2 s until it is complete")
+        if name == "feedback":
+            verb.add_argument("--score", type=int, required=True, choices=range(1, 6))
+            verb.add_argument("--user-id")
+            verb.add_argument("--request-id")
+            verb.add_argument("--migrated", choices=("yes", "no"))
         if name == "set-percentage":
             verb.add_argument("percentage", type=float)
     try:

@@ -3,6 +3,9 @@
 Rules (SPEC "Comparison result"): `error` when next_gen gave no complete answer; `mismatch`
 when both answered but differ in status class, success or shape (keys and value types,
 recursively, minus `shadow.compare.ignore` paths); else `match`.
+With a baseline (legacy asked twice, as Diffy does), values are compared too: a path whose
+value legacy repeats faithfully but next_gen changes is a real difference (a mismatch); a
+path whose value differs between legacy's own two answers is noise and never one.
 """
 
 from __future__ import annotations
@@ -22,22 +25,88 @@ class Comparison:
     success: bool
     shape: bool
     diff: tuple[str, ...] = field(default_factory=tuple)
+    noise: tuple[str, ...] = field(default_factory=tuple)
 
     def trace_fields(self) -> dict[str, Any]:
         return {"result": self.result, "status": self.status, "success": self.success,
-                "shape": self.shape, "diff": list(self.diff)}
+                "shape": self.shape, "diff": list(self.diff), "noise": list(self.noise)}
 
 
 def compare(old: Measurement, old_body: Any, new: Measurement, new_body: Any,
-            ignore: frozenset[str]) -> Comparison:
+            ignore: frozenset[str], noise: Noise | None = None) -> Comparison:
     if new.status is None:
         return Comparison("error", False, False, False, ("<no answer>",))
     same_status = old.status is not None and old.status // 100 == new.status // 100
     same_success = old.success == new.success
     diff = shape_diff(old_body, new_body, "", ignore)
     same_shape = not diff
-    result = "match" if same_status and same_success and same_shape else "mismatch"
-    return Comparison(result, same_status, same_success, same_shape, tuple(diff[:MAX_DIFF]))
+    noisy: list[str] = []
+    if noise is not None and noise.learned and same_shape:
+        changed = value_diff(old_body, new_body, ignore)
+        noisy = [path for path in changed if noise.noisy(path)]
+        diff = [path for path in changed if noise.stable(path)]
+    same = same_status and same_success and same_shape and not diff
+    return Comparison("match" if same else "mismatch", same_status, same_success, same_shape,
+                      tuple(diff[:MAX_DIFF]), tuple(noisy[:MAX_DIFF]))
+
+
+def leaves(document: Any, path: str, ignore: frozenset[str], out: dict[str, Any]) -> None:
+    """Flatten to path -> value; an array is one value (its items move between answers)."""
+    if path in ignore:
+        return
+    if isinstance(document, dict):
+        for key, value in document.items():
+            leaves(value, f"{path}.{key}" if path else str(key), ignore, out)
+    else:
+        out[path or "$"] = document
+
+
+def value_diff(old: Any, new: Any, ignore: frozenset[str]) -> list[str]:
+    a: dict[str, Any] = {}
+    b: dict[str, Any] = {}
+    leaves(old, "", ignore, a)
+    leaves(new, "", ignore, b)
+    return sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
+
+
+class Noise:
+    """Per path: how often legacy's two answers to the same request were compared, and how
+    often that path's value differed between them. Bounded to MAX_PATHS paths."""
+
+    MAX_PATHS = 10_000
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+        self.differing: dict[str, int] = {}
+        self.samples = 0
+
+    @property
+    def learned(self) -> bool:
+        return self.samples > 0
+
+    def learn(self, first: Any, second: Any, ignore: frozenset[str]) -> None:
+        a: dict[str, Any] = {}
+        b: dict[str, Any] = {}
+        leaves(first, "", ignore, a)
+        leaves(second, "", ignore, b)
+        self.samples += 1
+        for path in a.keys() | b.keys():
+            if path not in self.seen and len(self.seen) >= self.MAX_PATHS:
+                continue
+            self.seen[path] = self.seen.get(path, 0) + 1
+            if a.get(path) != b.get(path):
+                self.differing[path] = self.differing.get(path, 0) + 1
+
+    def noisy(self, path: str) -> bool:
+        return self.differing.get(path, 0) > 0
+
+    def stable(self, path: str) -> bool:
+        return self.seen.get(path, 0) > 0 and not self.noisy(path)
+
+    def status(self) -> dict[str, Any]:
+        return {"samples": self.samples,
+                "paths": {p: {"seen": n, "differing": self.differing.get(p, 0)}
+                          for p, n in sorted(self.seen.items())[:200]}}
 
 
 def kind(value: Any) -> str:

@@ -46,6 +46,7 @@ class BackendConfig:
     timeout_s: float
     connect_timeout_s: float
     max_connections: int
+    headers: tuple[tuple[str, str], ...] = ()  # sent on every request to it, whatever its role
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,7 @@ class RolloutConfig:
     deprecation_date: datetime | None
     migration_url: str | None
     schedule: tuple[ScheduleStep, ...]
+    rollback_over_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,10 @@ class RoutingConfig:
     opt_header: str
     anonymous: str
     paths: tuple[str, ...]
+    bucketing: str = "murmur3"  # murmur3 | unleash
+    session: UserIdSource | None = None
+    session_ttl_s: float = 3600.0
+    session_max: int = 100_000
 
     @property
     def reads_json(self) -> bool:
@@ -90,6 +96,12 @@ class ShadowConfig:
     max_in_flight: int
     timeout_s: float
     ignore: tuple[str, ...]
+    methods: frozenset[str] = frozenset({"GET", "HEAD", "POST"})
+    exclude_paths: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    tokens_per_hour: float | None = None
+    usd_per_hour: float | None = None
+    baseline_sample: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +151,18 @@ class TelemetryConfig:
     trace_max_bytes: int
     trace_keep: int
     json_max_bytes: int
+    usd_per_1k_tokens: dict[str, float] = field(default_factory=dict)
+    active_users_days: int = 90
+    capture: CaptureConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    file: Path
+    per_pattern: int
+    max_body_bytes: int
+    redact: frozenset[str]
+    max_patterns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,9 +284,25 @@ def read_backend(s: Section, name: str) -> BackendConfig:
         timeout_s=s.number("timeout_s", 60, low=0, low_open=True) or 60,
         connect_timeout_s=s.number("connect_timeout_s", 5, low=0, low_open=True) or 5,
         max_connections=int(s.number("max_connections", 1000, low=1, integer=True) or 1000),
+        headers=header_map(s, "headers"),
     )
-    s.close(["url", "timeout_s", "connect_timeout_s", "max_connections"])
+    s.close(["url", "timeout_s", "connect_timeout_s", "max_connections", "headers"])
     return result
+
+
+def header_map(s: Section, key: str) -> tuple[tuple[str, str], ...]:
+    raw = s.raw(key, {}) or {}
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str | int | float) and not isinstance(
+                v, bool) for k, v in raw.items()):
+        s.report(key, f"must map header names to values, got {raw!r}")
+        return ()
+    pairs = tuple((k, str(v)) for k, v in raw.items())
+    for name, value in pairs:
+        if not name.isascii() or any(c in name for c in " :\r\n") or any(
+                c in value for c in "\r\n"):
+            s.report(key, f"header {name!r} is not a valid header line")
+    return pairs
 
 
 def read_rollout(s: Section) -> RolloutConfig:
@@ -274,12 +314,13 @@ def read_rollout(s: Section) -> RolloutConfig:
         deprecation_date=moment(s, "deprecation_date"),
         migration_url=s.text("migration_url", None),
         schedule=read_schedule(s),
+        rollback_over_s=s.number("rollback_over_s", 0, low=0) or 0.0,
     )
     if result.sunset_date and result.deprecation_date and (
             result.sunset_date < result.deprecation_date):
         s.report("sunset_date", "must not be before rollout.deprecation_date (RFC 8594)")
     s.close(["phase", "percentage", "salt", "sunset_date", "deprecation_date",
-             "migration_url", "schedule"])
+             "migration_url", "schedule", "rollback_over_s"])
     return result
 
 
@@ -334,8 +375,13 @@ def read_routing(s: Section) -> RoutingConfig:
         opt_header=s.text("opt_header", "X-Next-Gen") or "X-Next-Gen",
         anonymous=s.choice("anonymous", "legacy", ("legacy", "random")),
         paths=read_paths(s),
+        bucketing=s.choice("bucketing", "murmur3", ("murmur3", "unleash")),
+        session=read_session(s),
+        session_ttl_s=s.number("session_ttl_s", 3600, low=0, low_open=True) or 3600,
+        session_max=int(s.number("session_max", 100_000, low=1, integer=True) or 100_000),
     )
-    s.close(["user_id", "opt_header", "anonymous", "paths"])
+    s.close(["user_id", "opt_header", "anonymous", "paths", "bucketing", "session",
+             "session_ttl_s", "session_max"])
     return result
 
 
@@ -360,11 +406,26 @@ def read_user_id(s: Section) -> tuple[UserIdSource, ...]:
     return tuple(sources)
 
 
-def read_paths(s: Section) -> tuple[str, ...]:
-    raw = s.raw("paths", ["/"])
+def read_session(s: Section) -> UserIdSource | None:
+    raw = s.raw("session")
+    if raw is None:
+        return None
+    if not (isinstance(raw, dict) and len(raw) == 1):
+        s.report("session", f"must be {{header: NAME}} or {{cookie: NAME}}, got {raw!r}")
+        return None
+    ((kind, name),) = raw.items()
+    if kind not in ("header", "cookie") or not isinstance(name, str) or not name:
+        s.report("session", f"must be {{header: NAME}} or {{cookie: NAME}}, got {raw!r}")
+        return None
+    return UserIdSource(str(kind), name)
+
+
+def read_paths(s: Section, key: str = "paths", default: tuple[str, ...] = ("/",)
+               ) -> tuple[str, ...]:
+    raw = s.raw(key, list(default))
     if not isinstance(raw, list) or not all(isinstance(p, str) and p.startswith("/") for p in raw):
-        s.report("paths", f"must be a list of path prefixes starting with '/', got {raw!r}")
-        return ("/",)
+        s.report(key, f"must be a list of path prefixes starting with '/', got {raw!r}")
+        return default
     return tuple(raw)
 
 
@@ -374,19 +435,34 @@ def read_shadow(s: Section) -> ShadowConfig:
     if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
         compare.report("ignore", f"must be a list of JSON paths, got {ignore!r}")
         ignore = []
-    compare.close(["ignore"])
+    baseline = compare.number("baseline_sample", 0.0, low=0, high=1) or 0.0
+    compare.close(["ignore", "baseline_sample"])
+    budget = s.section("budget")
+    tokens_per_hour = budget.number("tokens_per_hour", None, low=0)
+    usd_per_hour = budget.number("usd_per_hour", None, low=0)
+    budget.close(["tokens_per_hour", "usd_per_hour"])
+    methods = s.raw("methods", ["GET", "HEAD", "POST"])
+    if not isinstance(methods, list) or not all(isinstance(m, str) and m for m in methods):
+        s.report("methods", f"must be a list of HTTP methods, got {methods!r}")
+        methods = ["GET", "HEAD", "POST"]
     result = ShadowConfig(
         sample=s.number("sample", 1.0, low=0, high=1) or 0.0,
         max_in_flight=int(s.number("max_in_flight", 256, low=0, integer=True) or 0),
         timeout_s=s.number("timeout_s", 60, low=0, low_open=True) or 60,
         ignore=tuple(ignore),
+        methods=frozenset(m.upper() for m in methods),
+        exclude_paths=read_paths(s, "exclude_paths", ()),
+        headers=header_map(s, "headers"),
+        tokens_per_hour=tokens_per_hour, usd_per_hour=usd_per_hour,
+        baseline_sample=baseline,
     )
-    s.close(["sample", "max_in_flight", "timeout_s", "compare"])
+    s.close(["sample", "max_in_flight", "timeout_s", "compare", "methods", "exclude_paths",
+             "headers", "budget"])
     return result
 
 
 def read_fallback(s: Section) -> FallbackConfig:
-    raw_on = s.raw("on", ["connect_error", "timeout", "5xx"], aliases=(True,))
+    raw_on = s.raw("on", ["connect_error", "timeout", "5xx"])
     kinds, statuses = read_fallback_on(s, raw_on)
     circuit = read_circuit(s.section("circuit"))
     result = FallbackConfig(
@@ -468,9 +544,51 @@ def read_telemetry(s: Section, base: Path) -> TelemetryConfig:
                             or 100 * 2**20),
         trace_keep=int(s.number("trace_keep", 5, low=0, integer=True) or 0),
         json_max_bytes=int(s.number("json_max_bytes", 1 * 2**20, low=0, integer=True) or 0),
+        usd_per_1k_tokens=read_cost(s.section("cost")),
+        active_users_days=read_active_users(s.section("active_users")),
+        capture=read_capture(s, base),
     )
     s.close(["tokens", "success", "memory", "trace_file", "trace_max_bytes", "trace_keep",
-             "json_max_bytes"])
+             "json_max_bytes", "cost", "active_users", "capture"])
+    return result
+
+
+def read_cost(s: Section) -> dict[str, float]:
+    prices = {}
+    for name in BACKENDS:
+        if s.has(name):
+            backend = s.section(name)
+            prices[name] = backend.number("usd_per_1k_tokens", 0.0, low=0) or 0.0
+            backend.close(["usd_per_1k_tokens"])
+    s.close(BACKENDS)
+    return prices
+
+
+def read_active_users(s: Section) -> int:
+    days = int(s.number("days", 90, low=1, high=3660, integer=True) or 90)
+    s.close(["days"])
+    return days
+
+
+def read_capture(s: Section, base: Path) -> CaptureConfig | None:
+    if s.raw("capture") is None:
+        return None
+    c = s.section("capture")
+    file = c.text("file", None)
+    if not file:
+        c.report("file", "is required, e.g. captures/patterns.jsonl")
+    redact = c.raw("redact", ["password", "token", "api_key", "secret"]) or []
+    if not isinstance(redact, list) or not all(isinstance(r, str) for r in redact):
+        c.report("redact", f"must be a list of JSON field names, got {redact!r}")
+        redact = []
+    result = CaptureConfig(
+        file=base / (file or "captures/patterns.jsonl"),
+        per_pattern=int(c.number("per_pattern", 3, low=0, integer=True) or 0),
+        max_body_bytes=int(c.number("max_body_bytes", 65536, low=0, integer=True) or 0),
+        redact=frozenset(r.lower() for r in redact),
+        max_patterns=int(c.number("max_patterns", 10_000, low=1, integer=True) or 10_000),
+    )
+    c.close(["file", "per_pattern", "max_body_bytes", "redact", "max_patterns"])
     return result
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,19 @@ class Controller:
                              **fields}))
 
     def rollback(self, reason: str, by: str, percentage: float | None = None,
-                 trigger: str = "manual") -> None:
+                 trigger: str = "manual", over_s: float | None = None) -> None:
+        """Roll back now, or step the percentage down over `over_s` (manual ones only:
+        a guard's rollback is always immediate). A second rollback cancels a ramp."""
         phase = "legacy" if percentage is None else "progressive"
-        override = Override("rollback", phase, percentage, reason, by, self.rt.stamp())
+        if over_s is None:
+            over_s = self.rt.config.rollout.rollback_over_s if trigger == "manual" else 0.0
+        plan = self.rt.plan
+        start = 100.0 if plan.phase in ("default", "sunset") else plan.percentage
+        if plan.phase in ("legacy", "shadow", "opt_in"):
+            over_s = 0.0  # nobody is on next_gen by percentage: nothing to ramp
+        ramp_from = start if over_s > 0 and start > (percentage or 0.0) else None
+        override = Override("rollback", phase, percentage, reason, by, self.rt.stamp(),
+                            ramp_from=ramp_from, ramp_s=over_s if ramp_from is not None else 0.0)
         self.rt.save(replace(self.rt.stored, override=override))
         self.rt.metrics.rollbacks.labels(trigger).inc()
         self.change("rollback", by, reason=reason, trigger=trigger)
@@ -69,7 +80,9 @@ class Controller:
             phase = "progressive"
         override = Override("percentage", phase, percentage, reason or "set-percentage", by,
                             self.rt.stamp())
-        self.rt.save(replace(self.rt.stored, override=override))
+        # Leaving a rollback re-arms its guards: a trip after this is a new one.
+        tripped = () if rolled_back(self.rt.stored) else self.rt.stored.tripped
+        self.rt.save(replace(self.rt.stored, override=override, tripped=tripped))
         self.change("percentage", by, reason=reason)
 
     def promote(self, by: str) -> str:
@@ -81,14 +94,19 @@ class Controller:
         schedule = self.rt.config.rollout.schedule
         if self.rt.applied < len(schedule):
             step = schedule[self.rt.applied]
-            self.rt.save(replace(stored, promoted_through=step.at.isoformat()))
+            override = stored.override
+            if override is not None and override.action == "percentage":
+                override = None  # the step's own percentage is what promote asks for
+            self.rt.save(replace(stored, promoted_through=step.at.isoformat(),
+                                 override=override))
             self.rt.applied += 1
             self.change("promote", by, step=step.at.isoformat())
             return f"applied schedule step {step.at.isoformat()}"
         following = next_phase(self.rt.plan.phase)
         if following is None:
             raise Refused(409, "already in the last phase (sunset)")
-        override = Override("promote", following, None, f"promoted to {following}", by,
+        kept = stored.override.percentage if stored.override else None
+        override = Override("promote", following, kept, f"promoted to {following}", by,
                             self.rt.stamp())
         self.rt.save(replace(stored, override=override))
         self.change("promote", by, phase=following)
@@ -100,22 +118,42 @@ class Controller:
 
     def resume(self, by: str) -> None:
         self.rt.save(replace(self.rt.stored, paused=False, paused_at=None))
-        self.rt.applied = max(self.rt.applied, self._due())
         self.change("resume", by)
+        self.advance_schedule()
 
     def reset(self, by: str) -> None:
         self.rt.save(replace(self.rt.stored, override=None, tripped=()))
         self.change("reset", by)
 
     def complaint(self, backend: str) -> None:
-        now = self.rt.clock().timestamp()
-        kept = tuple(c for c in self.rt.stored.complaints if c[0] > now - 3600)[-MAX_COMPLAINTS:]
-        self.rt.save(replace(self.rt.stored, complaints=(*kept, (now, backend))))
+        """Counted twice: in the last hour (the guard) and per UTC day (support tickets)."""
+        stored, moment = self.rt.stored, self.rt.clock()
+        now = moment.timestamp()
+        kept = tuple(c for c in stored.complaints if c[0] > now - 3600)[-MAX_COMPLAINTS:]
+        day = moment.astimezone(UTC).date().isoformat()
+        per_day = dict(stored.tickets.get(day, {}))
+        per_day[backend] = per_day.get(backend, 0) + 1
+        days = sorted({**stored.tickets, day: per_day}.items())
+        tickets = dict(days[-self.rt.config.telemetry.active_users_days:])
+        self.rt.save(replace(stored, complaints=(*kept, (now, backend)), tickets=tickets))
         self.rt.metrics.complaints.labels(backend).inc()
+
+    def feedback(self, backend: str, score: int, migrated: bool | None) -> None:
+        stored = self.rt.stored
+        scores = dict(stored.feedback.get(backend, {}))
+        scores[str(score)] = scores.get(str(score), 0) + 1
+        migrations = dict(stored.migrations)
+        if migrated is not None:
+            result = "success" if migrated else "failure"
+            migrations[result] = migrations.get(result, 0) + 1
+            self.rt.metrics.migration_reports.labels(result).inc()
+        self.rt.save(replace(stored, feedback={**stored.feedback, backend: scores},
+                             migrations=migrations))
+        self.rt.metrics.feedback.labels(backend, str(score)).inc()
 
     # The loop ------------------------------------------------------------------------------
 
-    async def run(self, interval_s: float = 1.0) -> None:
+    async def run(self, interval_s: float = 0.5) -> None:
         while True:
             await self.rt.sleep(interval_s)
             try:
@@ -124,8 +162,11 @@ class Controller:
                 log.exception("control tick failed")
 
     def tick(self) -> None:
+        self.rt.metrics.sessions_pinned.set(len(self.rt.pins))
         self.check_reload()
         self.sync_state()
+        if self.rt.stored.override is not None and self.rt.stored.override.ramp_s > 0:
+            self.rt.refresh()  # a gradual rollback moves on every tick
         self.verdicts = self.judge()
         self.act_on(self.verdicts)
         self.advance_schedule()
@@ -135,8 +176,8 @@ class Controller:
         fresh = self.rt.store.poll()
         if fresh is not None and fresh != self.rt.stored:
             self.rt.stored = fresh
-            self.rt.applied = max(self.rt.applied, self._due())
             self.rt.refresh()
+            self.advance_schedule()
             log.info(json.dumps({"event": "state_synced", "phase": self.rt.plan.phase,
                                  "percentage": self.rt.plan.percentage}))
 
@@ -165,8 +206,7 @@ class Controller:
         self.rt.save(replace(self.rt.stored,
                              tripped=(*self.rt.stored.tripped, *(v.guard for v in fresh))))
         first = fresh[0]
-        if guards.action == "rollback" and not rolled_back(self.rt.stored) and (
-                self.rt.plan.phase != "legacy"):
+        if guards.action == "rollback" and self.rt.plan.phase != "legacy":
             self.rollback(f"guard {first.guard}: {first.detail}", "guard", trigger=first.guard)
         for verdict in fresh:
             log.warning(json.dumps({"event": "guard_tripped", **verdict.as_json(),
@@ -193,7 +233,10 @@ class Controller:
     def advance_schedule(self) -> None:
         due = self._due()
         if due <= self.rt.applied:
-            self.waiting_reason = ""
+            stored = self.rt.stored
+            thawed = due_steps(self.rt.config.rollout.schedule, replace(stored, paused=False),
+                               self.rt.clock())
+            self.waiting_reason = "paused" if stored.paused and thawed > due else ""
             return
         if rolled_back(self.rt.stored):
             self.waiting_reason = "a rollback is in force"

@@ -27,12 +27,15 @@ class Figures:
     p95_ms: float | None
     mean_tokens: float | None
     mean_memory_mb: float | None
+    mean_cost_usd: float | None = None
 
     def as_json(self) -> dict[str, float | int | None]:
         return {"requests": self.requests, "errors": self.errors,
                 "error_rate": round(self.error_rate, 4), "p50_ms": rounded(self.p50_ms),
                 "p95_ms": rounded(self.p95_ms), "mean_tokens": rounded(self.mean_tokens),
-                "mean_memory_mb": rounded(self.mean_memory_mb)}
+                "mean_memory_mb": rounded(self.mean_memory_mb),
+                "mean_cost_usd": None if self.mean_cost_usd is None
+                else round(self.mean_cost_usd, 8)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,18 +56,20 @@ def rounded(value: float | None) -> float | None:
 
 
 class Windows:
-    """Per-backend rolling windows; entries are (time, is_error, time_ms, tokens, memory)."""
+    """Per-backend rolling windows; entries are (time, is_error, time_ms, tokens, memory,
+    cost)."""
 
     def __init__(self, window_s: float, monotonic: Callable[[], float]) -> None:
         self.window_s, self.monotonic = window_s, monotonic
         self.entries: dict[str, deque[tuple[float, bool, float | None, float | None,
-                                            float | None]]] = {b: deque() for b in BACKENDS}
+                                            float | None, float | None]]] = {
+            b: deque() for b in BACKENDS}
 
     def add(self, backend: str, seen: Measurement) -> None:
         error = seen.status is None or seen.status >= 500
         time_ms = seen.time_ms if seen.status is not None else None
         self.entries[backend].append((self.monotonic(), error, time_ms, seen.tokens,
-                                      seen.memory_mb))
+                                      seen.memory_mb, seen.cost_usd))
 
     def prune(self) -> None:
         edge = self.monotonic() - self.window_s
@@ -80,8 +85,10 @@ class Windows:
         times = sorted(e[2] for e in entries if e[2] is not None)
         tokens = [e[3] for e in entries if e[3] is not None]
         memory = [e[4] for e in entries if e[4] is not None]
+        cost = [e[5] for e in entries if e[5] is not None]
         return Figures(total, errors, errors / total if total else 0.0,
-                       quantile(times, 0.5), quantile(times, 0.95), mean(tokens), mean(memory))
+                       quantile(times, 0.5), quantile(times, 0.95), mean(tokens), mean(memory),
+                       mean(cost))
 
     def clear(self) -> None:
         for entries in self.entries.values():

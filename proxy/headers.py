@@ -13,17 +13,19 @@ from collections.abc import Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-HOP_BY_HOP = frozenset(istr(h) for h in (
+# Lower-cased plain strings: multidict's istr hashes case-sensitively, so a set of istr
+# would miss `proxy-connection` written in lower case.
+HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
     "Upgrade", "Proxy-Authenticate", "Proxy-Authorization",
 ))
 # Request headers we never forward besides hop-by-hop ones: framing is aiohttp's, Expect is
 # answered by aiohttp itself, and X-Forwarded-* are rebuilt by forwarded().
-REQUEST_DROP = HOP_BY_HOP | frozenset(istr(h) for h in (
+REQUEST_DROP = HOP_BY_HOP | frozenset(h.lower() for h in (
     "Content-Length", "Expect", "Host", "X-Forwarded-For", "X-Forwarded-Proto",
     "X-Forwarded-Host", "Forwarded",
 ))
-RESPONSE_DROP = HOP_BY_HOP | frozenset({istr("Content-Length")})
+RESPONSE_DROP = HOP_BY_HOP | frozenset({"content-length"})
 REQUEST_ID = istr("X-Request-Id")
 VIA = "1.1 rollout-proxy"
 
@@ -32,8 +34,8 @@ def connection_named(headers: Mapping[str, str]) -> frozenset[str]:
     """Header names listed in Connection: they are hop-by-hop for this message only."""
     values = headers.getall("Connection", ()) if isinstance(headers, CIMultiDictProxy) else (
         [headers["Connection"]] if "Connection" in headers else [])
-    names = {istr(token.strip()) for value in values for token in value.split(",")}
-    names.discard(istr(""))
+    names = {token.strip().lower() for value in values for token in value.split(",")}
+    names.discard("")
     return frozenset(names)
 
 
@@ -42,7 +44,8 @@ def copy_end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str],
     named = connection_named(headers) if "Connection" in headers else frozenset()
     result: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        if name not in drop and name not in named:
+        lowered = name.lower()
+        if lowered not in drop and lowered not in named:
             result.add(name, value)
     return result
 
@@ -61,7 +64,7 @@ def upstream_headers(incoming: CIMultiDictProxy[str], *, rid: str, peer: str, sc
     out = copy_end_to_end(incoming, REQUEST_DROP)
     out[REQUEST_ID] = rid
     forwarded(out, incoming, peer=peer, scheme=scheme, host=host, trusted_hops=trusted_hops)
-    via = incoming.get("Via")
+    via = ", ".join(incoming.getall("Via", ()))
     out["Via"] = f"{via}, {VIA}" if via else VIA
     for name, value in extra:
         out[name] = value
@@ -70,7 +73,8 @@ def upstream_headers(incoming: CIMultiDictProxy[str], *, rid: str, peer: str, sc
 
 def forwarded(out: CIMultiDict[str], incoming: Mapping[str, str], *, peer: str, scheme: str,
               host: str | None, trusted_hops: int) -> None:
-    given_for = incoming.get("X-Forwarded-For")
+    given_for = ", ".join(incoming.getall("X-Forwarded-For", ())) if isinstance(
+        incoming, CIMultiDictProxy | CIMultiDict) else incoming.get("X-Forwarded-For", "")
     if trusted_hops > 0 and given_for:
         out["X-Forwarded-For"] = f"{given_for}, {peer}"
         out["X-Forwarded-Proto"] = incoming.get("X-Forwarded-Proto", scheme)

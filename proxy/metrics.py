@@ -15,11 +15,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.config import BACKENDS, PHASES
+from proxy.observe import Measurement
 
 ROLES = ("primary", "shadow", "fallback")
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
-MEMORY_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+MB = 2**20
+MEMORY_BUCKETS = tuple(mb * MB for mb in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))
 CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
 
@@ -42,11 +44,19 @@ class Metrics:
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("rollout_tokens", "Tokens the backends reported",
                               ["backend", "role"], registry=r)
-        self.memory = Histogram("rollout_memory_megabytes", "Memory the backends reported, MB",
+        self.ttfb = Histogram("rollout_time_to_first_byte_seconds",
+                              "Time to an answer's first body byte", ["backend", "role"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.cost = Counter("rollout_cost_usd", "What the backends' reported tokens cost, USD",
+                            ["backend", "role"], registry=r)
+        self.memory = Histogram("rollout_memory_bytes", "Memory the backends reported",
                                 ["backend", "role"], buckets=MEMORY_BUCKETS, registry=r)
         self.comparisons = Counter("rollout_shadow_comparisons", "Shadow comparisons by result",
                                    ["result"], registry=r)
         self.shadow_dropped = Counter("rollout_shadow_dropped", "Mirrors not sent or not finished",
+                                      ["reason"], registry=r)
+        self.shadow_skipped = Counter("rollout_shadow_skipped",
+                                      "Requests never mirrored by the side-effect rules",
                                       ["reason"], registry=r)
         self.shadow_in_flight = Gauge("rollout_shadow_in_flight", "Mirrors running now",
                                       multiprocess_mode="livesum",
@@ -70,6 +80,14 @@ class Metrics:
                                  multiprocess_mode=latest, registry=r)
         self.admin_changes = Counter("rollout_admin_changes", "Runtime changes by action",
                                      ["action"], registry=r)
+        self.sessions_pinned = Gauge("rollout_sessions_pinned", "Sessions pinned to a backend",
+                                     multiprocess_mode="livesum", registry=r)
+        self.feedback = Counter("rollout_feedback", "Feedback scores by backend",
+                                ["backend", "score"], registry=r)
+        self.migration_reports = Counter("rollout_migration_reports",
+                                         "Users' migration reports", ["result"], registry=r)
+        self.active_users = Gauge("rollout_active_users", "Distinct users today (UTC)",
+                                  ["backend"], multiprocess_mode=latest, registry=r)
         self.complaints = Counter("rollout_complaints", "Complaints by the backend they concern",
                                   ["backend"], registry=r)
         self.in_flight = Gauge("rollout_in_flight_requests", "Client requests being served",
@@ -86,6 +104,7 @@ class Metrics:
         self._children: dict[tuple[str, str, str], Counter] = {}
         self._durations: dict[tuple[str, str], Histogram] = {}
         self._tokens: dict[tuple[str, str], Counter] = {}
+        self._ttfb: dict[tuple[str, str], Histogram] = {}
         self._init_series()
 
     def _init_series(self) -> None:
@@ -95,6 +114,7 @@ class Metrics:
             for role in ROLES:
                 self._durations[(backend, role)] = self.duration.labels(backend, role)
                 self._tokens[(backend, role)] = self.tokens.labels(backend, role)
+                self._ttfb[(backend, role)] = self.ttfb.labels(backend, role)
                 for klass in CODE_CLASSES:
                     self._children[(backend, role, klass)] = self.requests.labels(
                         backend, role, klass)
@@ -112,7 +132,15 @@ class Metrics:
         if tokens:
             self._tokens[(backend, role)].inc(tokens)
         if memory_mb is not None:
-            self.memory.labels(backend, role).observe(memory_mb)
+            self.memory.labels(backend, role).observe(memory_mb * MB)
+
+    def measured(self, backend: str, role: str, seen: Measurement) -> None:
+        self.answered(backend, role, seen.status, seen.time_ms / 1000, seen.tokens,
+                      seen.memory_mb)
+        if seen.ttft_ms is not None:
+            self._ttfb[(backend, role)].observe(seen.ttft_ms / 1000)
+        if seen.cost_usd:
+            self.cost.labels(backend, role).inc(seen.cost_usd)
 
     def show_plan(self, phase: str, percentage: float, paused: bool) -> None:
         for name in PHASES:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.config import Extract, TelemetryConfig
+from proxy.events import EventStream
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,12 +26,15 @@ class Measurement:
     success: bool | None
     memory_mb: float | None
     error: str | None = None  # connect_error, timeout, reset, truncated, bad_response
+    cost_usd: float | None = None
 
     def trace_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "status": self.status, "time_ms": round(self.time_ms, 3),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
             "tokens": whole(self.tokens), "success": self.success,
             "memory_mb": self.memory_mb, "bytes": self.bytes,
+            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 8),
         }
         if self.error:
             fields["error"] = self.error
@@ -42,17 +46,22 @@ def whole(value: float | None) -> float | int | None:
 
 
 class Tee:
-    """Collects a copy of the body up to `cap` bytes while it streams; past the cap, gives up."""
+    """Collects a copy of the body up to `cap` bytes while it streams; past the cap, gives up.
+    An event stream is parsed as it passes instead, keeping only the figures' last values."""
 
-    __slots__ = ("cap", "chunks", "overflow", "size", "wanted")
+    __slots__ = ("cap", "chunks", "events", "overflow", "size", "wanted")
 
-    def __init__(self, wanted: bool, cap: int) -> None:
+    def __init__(self, wanted: bool, cap: int, events: EventStream | None = None) -> None:
         self.wanted, self.cap = wanted and cap > 0, cap
+        self.events = events
         self.chunks: list[bytes] = []
         self.size, self.overflow = 0, False
 
     def feed(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        if self.events is not None:
+            self.events.feed(chunk)
+            return
         if not self.wanted or self.overflow:
             return
         if self.size > self.cap:
@@ -61,12 +70,40 @@ class Tee:
         self.chunks.append(chunk)
 
     def json(self) -> Any:
+        if self.events is not None:
+            return self.stream_document()
         if not self.wanted or self.overflow or not self.chunks:
             return None
         try:
             return json.loads(b"".join(self.chunks))
         except ValueError:
             return None
+
+    def stream_document(self) -> Any:
+        """The last JSON event, with the last value seen of each measured path laid over it."""
+        assert self.events is not None
+        self.events.close()
+        last = self.events.last_json
+        document: dict[str, Any] = dict(last) if isinstance(last, dict) else {}
+        for path, value in self.events.paths.items():
+            node = document
+            for key in path[:-1]:
+                child = node.get(key)
+                node[key] = child = dict(child) if isinstance(child, dict) else {}
+                node = child
+            node[path[-1]] = value
+        return document
+
+
+def tee_for(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: bool) -> Tee:
+    """A Tee that collects what this answer's figures need, and nothing more."""
+    content_type = headers.get("Content-Type", "")
+    if content_type.startswith("text/event-stream") and not headers.get("Content-Encoding"):
+        wanted = tuple(p for p in (telemetry.tokens.json, telemetry.success.json) if p)
+        if compare or (telemetry.tokens.json and not (
+                telemetry.tokens.header and telemetry.tokens.header in headers)):
+            return Tee(True, telemetry.json_max_bytes, EventStream(wanted))
+    return Tee(wants_body(headers, telemetry, compare), telemetry.json_max_bytes)
 
 
 def wants_body(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: bool) -> bool:
@@ -126,14 +163,17 @@ def succeeded(extract: Extract, status: int | None, body: Any) -> bool | None:
 
 def measure(status: int | None, headers: Mapping[str, str], body: Any, *, started: float,
             first_byte: float | None, ended: float, size: int, telemetry: TelemetryConfig,
-            error: str | None = None) -> Measurement:
+            error: str | None = None, backend: str | None = None) -> Measurement:
+    tokens = figure(telemetry.tokens, headers, body) if status is not None else None
+    price = telemetry.usd_per_1k_tokens.get(backend or "")
     return Measurement(
         status=status,
         time_ms=(ended - started) * 1000,
         ttft_ms=(first_byte - started) * 1000 if first_byte is not None else None,
         bytes=size,
-        tokens=figure(telemetry.tokens, headers, body) if status is not None else None,
+        tokens=tokens,
         success=succeeded(telemetry.success, status, body),
         memory_mb=figure(telemetry.memory, headers, body) if status is not None else None,
         error=error,
+        cost_usd=tokens / 1000 * price if tokens is not None and price is not None else None,
     )

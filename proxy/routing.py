@@ -3,9 +3,14 @@
 Rules:
 1. The bucket is mmh3.hash(salt + ":" + user_id, signed=False) % 10000; a user is on next_gen
    when bucket < percentage * 100. Python's hash() is never used (salted per process).
+   With `bucketing: unleash` the cohort is Unleash's gradualRollout one instead:
+   murmur3_x86_32(salt + ":" + user_id, seed 0) % 100 + 1 <= percentage.
 2. Paths outside `routing.paths` go to legacy, untouched by the rollout.
 3. The opt header is honoured in opt_in, progressive, default and sunset.
-4. Mirroring only ever copies a request legacy serves, in shadow, opt_in and progressive.
+4. Mirroring only ever copies a request legacy serves, in shadow, opt_in and progressive,
+   and only `shadow.methods` outside `shadow.exclude_paths` (a copy must not repeat a side effect).
+5. A pinned session stays on the backend that served its first request while the percentage
+   or phase moves; a rollback overrides pins (safety first).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 import mmh3
 
-from proxy.config import RoutingConfig
+from proxy.config import RoutingConfig, ShadowConfig
 
 OPT_IN = frozenset({"1", "true", "yes"})
 OPT_OUT = frozenset({"0", "false", "no"})
@@ -44,6 +49,8 @@ class Plan:
     percentage: float
     salt: str
     sample: float
+    bucketing: str = "murmur3"
+    rolled_back: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +69,31 @@ def bucket(salt: str, user_id: str) -> int:
 
 
 def on_next_gen(bucket_value: int, percentage: float) -> bool:
-    return bucket_value < percentage * 100
+    return bucket_value < round(percentage * 100, 6)  # 0.07 * 100 is 7.000000000000001
+
+
+def unleash_value(salt: str, user_id: str) -> int:
+    """Unleash's normalizedValue: 1..100, the same for the same groupId and user."""
+    return int(mmh3.hash(f"{salt}:{user_id}", 0, signed=False)) % 100 + 1
+
+
+def in_cohort(plan: Plan, user_id: str) -> tuple[bool, int]:
+    """Whether the user is in the next_gen cohort at the plan's percentage, and its bucket."""
+    if plan.bucketing == "unleash":
+        value = unleash_value(plan.salt, user_id)
+        return value <= plan.percentage, value
+    value = bucket(plan.salt, user_id)
+    return on_next_gen(value, plan.percentage), value
+
+
+def mirrorable(method: str, path: str, shadow: ShadowConfig) -> str | None:
+    """Why a request must not be mirrored, or None when it may be."""
+    if method not in shadow.methods:
+        return f"method {method} is not in shadow.methods"
+    for prefix in shadow.exclude_paths:
+        if path.startswith(prefix):
+            return f"path under shadow.exclude_paths {prefix}"
+    return None
 
 
 def user_id(facts: Facts, routing: RoutingConfig) -> str | None:
@@ -76,7 +107,8 @@ def user_id(facts: Facts, routing: RoutingConfig) -> str | None:
             value = facts.query.get(source.name)
         else:
             value = facts.json_body.get(source.name) if facts.json_body is not None else None
-            value = str(value) if isinstance(value, str | int) and value is not True else None
+            value = str(value) if isinstance(value, str | int) and not isinstance(
+                value, bool) else None
         if value:
             return str(value)
     return None
@@ -94,9 +126,23 @@ def under_rollout(path: str, routing: RoutingConfig) -> bool:
     return any(path.startswith(prefix) for prefix in routing.paths)
 
 
-def decide(facts: Facts, routing: RoutingConfig, plan: Plan,
-           chance: Callable[[], float]) -> Decision:
-    """Pick the primary backend; `chance()` draws in [0, 1) for sampling and anonymous users."""
+def decide(facts: Facts, routing: RoutingConfig, plan: Plan, chance: Callable[[], float],
+           pinned: str | None = None) -> Decision:
+    """Pick the primary backend; `chance()` draws in [0, 1) for sampling and anonymous users;
+    `pinned` is the backend this request's session is pinned to, if any."""
+    decision = _decide(facts, routing, plan, chance)
+    if pinned is None or pinned == decision.primary or plan.rolled_back or decision.gone:
+        return decision
+    if decision.reason == "path outside routing.paths":
+        return decision
+    if pinned == "next_gen":
+        return Decision("next_gen", False, plan.phase != "sunset", "session pinned")
+    return Decision("legacy", decision.mirror, False, "session pinned",
+                    deprecated=plan.phase == "default")
+
+
+def _decide(facts: Facts, routing: RoutingConfig, plan: Plan,
+            chance: Callable[[], float]) -> Decision:
     if not under_rollout(facts.path, routing):
         return Decision("legacy", False, False, "path outside routing.paths")
     phase = plan.phase
@@ -129,8 +175,8 @@ def _by_user(facts: Facts, routing: RoutingConfig, plan: Plan,
         return _legacy_mirrored(plan, chance, "anonymous")
     if plan.phase == "opt_in":
         return _legacy_mirrored(plan, chance, "not opted in")
-    value = bucket(plan.salt, uid)
-    if on_next_gen(value, plan.percentage):
+    chosen, value = in_cohort(plan, uid)
+    if chosen:
         return Decision("next_gen", False, True, "bucket under percentage", bucket=value)
     return _legacy_mirrored(plan, chance, "bucket over percentage", value)
 

@@ -25,12 +25,14 @@ from proxy.fallback import Breaker, RetryBudget, fallback_reason, retrying
 from proxy.guards import Windows
 from proxy.metrics import Metrics
 from proxy.observe import Measurement
-from proxy.routing import Decision, Facts, Plan, bucket, decide, on_next_gen
-from proxy.state import Store, Stored, due_steps, effective, now_rfc3339
+from proxy.routing import Decision, Facts, Plan, decide, in_cohort, mirrorable
+from proxy.sessions import Pins
+from proxy.state import Store, Stored, due_steps, effective, now_rfc3339, rolled_back
 from proxy.tasks import Tasks
 from proxy.upstream import Pool, UpstreamError, make_pool, send
 
 log = logging.getLogger("rollout_proxy")
+SERVED_MAX = 100_000  # recent requests remembered for complaints and feedback
 Clock = Callable[[], datetime]
 
 
@@ -58,6 +60,9 @@ class Runtime:
         self.draining = False
         self.idle = asyncio.Event()  # set when the last request in flight ends while draining
         self.pools: dict[str, Pool] = {}
+        self.served: dict[str, str] = {}  # request id -> backend, newest last
+        self.pins: Pins = Pins(config.routing.session_ttl_s, config.routing.session_max,
+                               monotonic)
         self.stored = store.load()
         self.applied = due_steps(config.rollout.schedule, self.stored, clock())
         self.plan = Plan("legacy", 0.0, config.rollout.salt, config.shadow.sample)
@@ -66,6 +71,7 @@ class Runtime:
         self.breaker = Breaker(fb.circuit, monotonic)
         self.budget = RetryBudget(fb.budget_ratio, fb.budget_window_s, monotonic)
         self.shadow: Any = None  # proxy.shadow.Shadow, set by app
+        self.users: Any = None  # proxy.users.ActiveUsers, set by app
         self.on_plan_change: list[Callable[[], None]] = []
         self.refresh()
 
@@ -82,8 +88,9 @@ class Runtime:
     def refresh(self) -> None:
         """Recompute the effective plan after any change to config, schedule or override."""
         config = self.config
-        phase, percentage = effective(config.rollout, self.stored, self.applied)
-        self.plan = Plan(phase, percentage, config.rollout.salt, config.shadow.sample)
+        phase, percentage = effective(config.rollout, self.stored, self.applied, self.clock())
+        self.plan = Plan(phase, percentage, config.rollout.salt, config.shadow.sample,
+                         config.routing.bucketing, rolled_back(self.stored))
         if phase == "default" and self.stored.default_since is None:
             self.save(replace(self.stored, default_since=time.time()))
         self.metrics.show_plan(phase, percentage, self.stored.paused)
@@ -94,8 +101,23 @@ class Runtime:
         self.store.save(stored)
         self.stored = stored
 
-    def decide(self, facts: Facts, config: Config, chance: Callable[[], float]) -> Decision:
-        return decide(facts, config.routing, self.plan, chance)
+    def decide(self, facts: Facts, config: Config, chance: Callable[[], float],
+               pinned: str | None = None) -> Decision:
+        decision = decide(facts, config.routing, self.plan, chance, pinned)
+        if decision.mirror:
+            why = mirrorable(facts.method, facts.path, config.shadow)
+            if why is not None:
+                self.metrics.shadow_skipped.labels(
+                    "method" if why.startswith("method") else "excluded_path").inc()
+                return replace(decision, mirror=False)
+        return decision
+
+    def remember(self, rid: str, backend: str) -> None:
+        """Which backend served a recent request, for complaints and feedback (bounded)."""
+        served = self.served
+        served[rid] = backend
+        if len(served) > SERVED_MAX:
+            del served[next(iter(served))]
 
     def deprecation_headers(self) -> list[tuple[str, str]]:
         rollout = self.config.rollout
@@ -163,6 +185,11 @@ class Runtime:
     async def send(self, backend: str, role: str, method: str, path_qs: str,
                    headers: CIMultiDict[str], body: bytes | None) -> Answer:
         started = self.monotonic()
+        extra = self.config.backends[backend].headers
+        if extra:  # feature flags and the like: replace the client's header of the same name
+            headers = CIMultiDict(headers)
+            for name, value in extra:
+                headers[name] = value
         response = await send(self.pools[backend], method, path_qs, headers, body)
         return Answer(backend, role, response, started)
 
@@ -181,8 +208,7 @@ class Runtime:
                                                      status < 500, None))
 
     def record(self, answer: Answer, seen: Measurement) -> None:
-        self.metrics.answered(answer.backend, answer.role, seen.status, seen.time_ms / 1000,
-                              seen.tokens, seen.memory_mb)
+        self.metrics.measured(answer.backend, answer.role, seen)
         self.windows.add(answer.backend, seen)
 
     def windows_add(self, backend: str, seen: Measurement) -> None:
@@ -193,7 +219,7 @@ class Runtime:
         plan = self.plan
         if plan.phase in ("default", "sunset"):
             return "next_gen"
-        if plan.phase == "progressive" and on_next_gen(bucket(plan.salt, user), plan.percentage):
+        if plan.phase == "progressive" and in_cohort(plan, user)[0]:
             return "next_gen"
         return "legacy"
 

@@ -14,17 +14,17 @@ import asyncio
 import json
 import logging
 import random
-import time
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config import Config
+from proxy.config import Config, UserIdSource
 from proxy.headers import downstream_headers, request_id, upstream_headers
-from proxy.observe import Measurement, Tee, measure, wants_body
-from proxy.routing import Decision, Facts
+from proxy.observe import Measurement, measure, tee_for
+from proxy.routing import Decision, Facts, user_id
 from proxy.runtime import Answer, Runtime
 from proxy.upstream import UpstreamError, read_error
 
@@ -69,6 +69,14 @@ def json_fields(request: web.BaseRequest, body: bytes | None) -> dict[str, Any] 
     return document if isinstance(document, dict) else None
 
 
+def session_id(request: web.BaseRequest, source: UserIdSource | None) -> str | None:
+    if source is None:
+        return None
+    if source.kind == "cookie":
+        return request.cookies.get(source.name) or None
+    return request.headers.get(source.name) or None
+
+
 class ProxyHandler:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
@@ -103,7 +111,9 @@ class ProxyHandler:
         json_body = json_fields(request, body) if config.routing.reads_json else None
         facts = Facts(request.method, request.path, request.headers, request.cookies,
                       request.query, json_body)
-        decision = self.rt.decide(facts, config, random.random)
+        session = session_id(request, config.routing.session)
+        pinned = await self.rt.pins.get(session) if session else None
+        decision = self.rt.decide(facts, config, random.random, pinned)
         if decision.gone:
             return self.gone(config, rid)
         if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -122,6 +132,13 @@ class ProxyHandler:
                 primary_seen.set_result((self.failed(exc), None))
             return error_response(exc.status, str(exc), rid,
                                   X_Rollout_Backend=decision.primary)
+        self.rt.remember(rid, answer.backend)
+        if answer.role == "primary" and self.rt.users is not None:
+            uid = user_id(facts, config.routing)
+            if uid is not None:
+                self.rt.users.add(answer.backend, uid, datetime.now(UTC))
+        if session and answer.backend != pinned:
+            self.rt.pins.pin(session, answer.backend)
         return await self.relay(request, answer, decision, rid, primary_seen)
 
     def failed(self, exc: UpstreamError) -> Measurement:
@@ -153,14 +170,13 @@ class ProxyHandler:
         length = upstream.content_length
         if length is not None and upstream.status not in NO_BODY_STATUS:
             response.content_length = length
-        tee = Tee(wants_body(upstream.headers, config.telemetry, primary_seen is not None),
-                  config.telemetry.json_max_bytes)
+        tee = tee_for(upstream.headers, config.telemetry, primary_seen is not None)
         first_byte, error = None, None
         try:
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 if first_byte is None:
-                    first_byte = time.monotonic()
+                    first_byte = self.rt.monotonic()
                 tee.feed(chunk)
                 await response.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -172,11 +188,11 @@ class ProxyHandler:
                 upstream.release()
             else:
                 upstream.close()
-        ended = time.monotonic()
+        ended = self.rt.monotonic()
         seen = measure(None if error else upstream.status, upstream.headers, tee.json(),
                        started=answer.started, first_byte=first_byte, ended=ended,
                        size=tee.size, telemetry=config.telemetry,
-                       error=error.kind if error else None)
+                       error=error.kind if error else None, backend=answer.backend)
         self.rt.record(answer, seen)
         if primary_seen is not None and not primary_seen.done():
             primary_seen.set_result((seen, tee.json()))

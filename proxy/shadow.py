@@ -8,11 +8,15 @@ Rules:
 3. Mirrors use their own pool and timeout, so a stalled next_gen cannot take the primary
    path's connections.
 4. On shutdown running mirrors get a short grace, then are cancelled and counted ("shutdown").
+5. Past the sliding-hour budget (shadow.budget) a mirror is dropped ("budget").
+6. With shadow.compare.baseline_sample, that share of mirrors also asks legacy a second time
+   (inside the same in-flight cap); what differs between legacy's two answers is noise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,10 +25,11 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from proxy.compare import compare
+from proxy.budget import SpendBudget
+from proxy.compare import Noise, compare
 from proxy.config import Config
 from proxy.metrics import Metrics
-from proxy.observe import Measurement, Tee, measure, wants_body
+from proxy.observe import Measurement, measure, tee_for
 from proxy.tasks import Tasks
 from proxy.trace import TraceWriter
 from proxy.upstream import Pool, UpstreamError, read_error, send
@@ -33,43 +38,72 @@ SHADOW_HEADER = ("X-Rollout-Shadow", "1")
 
 
 class Shadow:
-    def __init__(self, config: Config, pool: Pool, metrics: Metrics, trace: TraceWriter | None,
-                 record: Callable[[str, Measurement], None]) -> None:
-        self.config, self.pool, self.metrics, self.trace = config, pool, metrics, trace
+    def __init__(self, config: Config, pools: dict[str, Pool], metrics: Metrics,
+                 trace: TraceWriter | None, record: Callable[[str, Measurement], None],
+                 budget: SpendBudget, chance: Callable[[], float] = random.random) -> None:
+        self.config, self.pools, self.metrics, self.trace = config, pools, metrics, trace
         self.record = record  # feeds the guards' windows
+        self.budget, self.chance = budget, chance
+        self.noise = Noise()
         self.tasks = Tasks()
         self.in_flight = 0
         self.closing = False
 
+    def copy_headers(self, headers: CIMultiDict[str], backend: str) -> CIMultiDict[str]:
+        copy = CIMultiDict(headers)
+        for name, value in (*self.config.backends[backend].headers, *self.config.shadow.headers,
+                            SHADOW_HEADER):
+            copy[name] = value
+        return copy
+
     def mirror(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None,
                rid: str) -> asyncio.Future[Any] | None:
         """Start a mirror; the returned future is to be given the primary's measurement."""
-        if self.closing:
-            self.metrics.shadow_dropped.labels("shutdown").inc()
+        reason = self.refusal()
+        if reason is not None:
+            self.metrics.shadow_dropped.labels(reason).inc()
             return None
-        if self.in_flight >= self.config.shadow.max_in_flight:
-            self.metrics.shadow_dropped.labels("overload").inc()
-            return None
+        baseline = self.config.shadow.baseline_sample > 0 and (
+            self.in_flight + 2 <= self.config.shadow.max_in_flight) and (
+            self.chance() < self.config.shadow.baseline_sample)
         primary: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        copy = CIMultiDict(headers)
-        copy[SHADOW_HEADER[0]] = SHADOW_HEADER[1]
-        self.in_flight += 1
-        self.metrics.shadow_in_flight.inc()
-        self.tasks.spawn(self.run(method, path_qs, copy, body, rid, primary), name="mirror")
+        slots = 2 if baseline else 1
+        self.in_flight += slots
+        self.metrics.shadow_in_flight.inc(slots)
+        self.tasks.spawn(self.run(method, path_qs, headers, body, rid, primary, baseline),
+                         name="mirror")
         return primary
 
+    def refusal(self) -> str | None:
+        if self.closing:
+            return "shutdown"
+        if self.in_flight >= self.config.shadow.max_in_flight:
+            return "overload"
+        if not self.budget.allow():
+            return "budget"
+        return None
+
     async def run(self, method: str, path_qs: str, headers: CIMultiDict[str],
-                  body: bytes | None, rid: str, primary: asyncio.Future[Any]) -> None:
+                  body: bytes | None, rid: str, primary: asyncio.Future[Any],
+                  baseline: bool) -> None:
         config = self.config
+        ignore = frozenset(config.shadow.ignore)
         try:
-            seen, document = await self.send(method, path_qs, headers, body)
-            self.metrics.answered("next_gen", "shadow", seen.status, seen.time_ms / 1000,
-                                  seen.tokens, seen.memory_mb)
+            sends = [self.send("next_gen", method, path_qs, headers, body)]
+            if baseline:
+                sends.append(self.send("legacy", method, path_qs, headers, body))
+            answers = await asyncio.gather(*sends)
+            seen, document = answers[0]
+            self.metrics.measured("next_gen", "shadow", seen)
             self.record("next_gen", seen)
+            self.budget.spend(seen.tokens, seen.cost_usd)
             async with asyncio.timeout(config.backends["legacy"].timeout_s + 5):
                 old, old_document = await primary
-            comparison = compare(old, old_document, seen, document,
-                                 frozenset(config.shadow.ignore))
+            if baseline and answers[1][0].status is not None and old.status is not None:
+                self.metrics.measured("legacy", "shadow", answers[1][0])
+                self.noise.learn(old_document, answers[1][1], ignore)
+            comparison = compare(old, old_document, seen, document, ignore,
+                                 self.noise if config.shadow.baseline_sample > 0 else None)
             self.metrics.comparisons.labels(comparison.result).inc()
             if self.trace is not None:
                 self.trace.write({
@@ -86,35 +120,39 @@ class Shadow:
         except TimeoutError:
             self.metrics.shadow_dropped.labels("primary_unfinished").inc()
         finally:
-            self.in_flight -= 1
-            self.metrics.shadow_in_flight.dec()
+            slots = 2 if baseline else 1
+            self.in_flight -= slots
+            self.metrics.shadow_in_flight.dec(slots)
 
-    async def send(self, method: str, path_qs: str, headers: CIMultiDict[str],
+    async def send(self, backend: str, method: str, path_qs: str, headers: CIMultiDict[str],
                    body: bytes | None) -> tuple[Measurement, Any]:
         telemetry = self.config.telemetry
         started = time.monotonic()
         try:
-            response = await send(self.pool, method, path_qs, headers, body)
+            response = await send(self.pools[backend], method, path_qs,
+                                  self.copy_headers(headers, backend), body)
         except UpstreamError as exc:
             return Measurement(None, (time.monotonic() - started) * 1000, None, 0, None, False,
                                None, exc.kind), None
-        tee = Tee(wants_body(response.headers, telemetry, True), telemetry.json_max_bytes)
+        tee = tee_for(response.headers, telemetry, True)
         first_byte, error = None, None
         try:
             async for chunk in response.content.iter_any():
                 first_byte = first_byte or time.monotonic()
                 tee.feed(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            error = read_error(exc, "next_gen")
+            error = read_error(exc, backend)
         finally:
             response.close() if error else response.release()
         document = tee.json()
         seen = measure(None if error else response.status, response.headers, document,
                        started=started, first_byte=first_byte, ended=time.monotonic(),
-                       size=tee.size, telemetry=telemetry, error=error.kind if error else None)
+                       size=tee.size, telemetry=telemetry, error=error.kind if error else None,
+                       backend=backend)
         return seen, document
 
     async def close(self, grace_s: float) -> None:
         self.closing = True
         await self.tasks.wait(grace_s)
-        await self.pool.close()
+        for pool in self.pools.values():
+            await pool.close()

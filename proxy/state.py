@@ -30,6 +30,20 @@ class Override:
     reason: str
     by: str
     at: str  # RFC 3339
+    ramp_from: float | None = None  # a gradual rollback steps down from this percentage
+    ramp_s: float = 0.0  # over this many seconds from `at`, to `percentage` then `phase`
+
+    def ramp(self, now: datetime) -> tuple[float, float] | None:
+        """(percentage now, fraction done) while a gradual rollback is under way, else None."""
+        if self.ramp_from is None or self.ramp_s <= 0:
+            return None
+        started = to_datetime(self.at) or now
+        done = (now - started).total_seconds() / self.ramp_s
+        if done >= 1:
+            return None
+        target = self.percentage or 0.0
+        done = max(0.0, done)
+        return self.ramp_from + (target - self.ramp_from) * done, done
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +57,9 @@ class Stored:
     default_since: float | None = None  # unix seconds `default` began (the Deprecation moment)
     tripped: tuple[str, ...] = field(default_factory=tuple)  # guards that fired, until reset
     complaints: tuple[tuple[float, str], ...] = field(default_factory=tuple)  # (unix s, backend)
+    feedback: dict[str, dict[str, int]] = field(default_factory=dict)  # backend -> score -> n
+    migrations: dict[str, int] = field(default_factory=dict)  # success|failure -> n
+    tickets: dict[str, dict[str, int]] = field(default_factory=dict)  # UTC day -> backend -> n
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +75,11 @@ class Stored:
             tripped=tuple(data.get("tripped", ())),
             complaints=tuple((float(at), str(backend))
                              for at, backend in data.get("complaints", ())),
+            feedback={str(b): {str(s): int(n) for s, n in scores.items()}
+                      for b, scores in (data.get("feedback") or {}).items()},
+            migrations={str(k): int(v) for k, v in (data.get("migrations") or {}).items()},
+            tickets={str(d): {str(b): int(n) for b, n in per.items()}
+                     for d, per in (data.get("tickets") or {}).items()},
         )
 
 
@@ -112,19 +134,24 @@ class FileStore:
             return None
 
     def save(self, stored: Stored) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(stored.to_json(), handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-            self.stamp = self._stamp()
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomically(self.path, json.dumps(stored.to_json(), indent=2))
+        self.stamp = self._stamp()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write, fsync, rename: a reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def now_rfc3339(now: datetime) -> str:
@@ -152,9 +179,13 @@ def scheduled(rollout: RolloutConfig, applied: int) -> tuple[str, float]:
     return phase, percentage
 
 
-def effective(rollout: RolloutConfig, stored: Stored, applied: int) -> tuple[str, float]:
+def effective(rollout: RolloutConfig, stored: Stored, applied: int,
+              now: datetime | None = None) -> tuple[str, float]:
     phase, percentage = scheduled(rollout, applied)
     override = stored.override
+    ramp = override.ramp(now or datetime.now(UTC)) if override is not None else None
+    if ramp is not None:
+        return "progressive", ramp[0]
     if override is not None:
         phase = override.phase or phase
         percentage = override.percentage if override.percentage is not None else percentage

@@ -46,6 +46,8 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
     result.lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, bool):  # YAML 1.1 reads on/yes/true as True: keep what was written
+            key = key_node.value
         result[key] = loader.construct_object(value_node, deep=True)
         result.lines[key] = key_node.start_mark.line + 1
     return result
@@ -108,7 +110,7 @@ class Section:
         value = self.raw(key, default)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
             self.report(key, f"must be a number, got {value!r}")
             return default
         if integer and not float(value).is_integer():

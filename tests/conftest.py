@@ -60,9 +60,9 @@ class Backend:
             {"backend": self.name, "success": True, "usage": {"total_tokens": self.tokens}},
             headers={"X-Tokens-Used": str(self.tokens)})
 
-    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
+    async def wait_for(self, count: int, within: float = 5.0) -> None:
         """Wait until `count` requests arrived (an event, never a sleep)."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while len(self.seen) < count:
                 self.arrived.clear()
                 await self.arrived.wait()
@@ -214,11 +214,11 @@ def spawn_serve(tmp_path: Path, data: dict[str, Any], env: dict[str, str] | None
     return Process(proc, path, data, log)
 
 
-async def wait_ready(admin_url: str, timeout: float = 10.0) -> None:
+async def wait_ready(admin_url: str, within: float = 10.0) -> None:
     """Poll /readyz until 200, within a deadline (the process gives no other signal)."""
     import aiohttp
 
-    async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
+    async with aiohttp.ClientSession() as http, asyncio.timeout(within):
         while True:
             with contextlib.suppress(aiohttp.ClientError):
                 async with http.get(f"{admin_url}/readyz") as response:

@@ -18,7 +18,7 @@ ALERTS = CONFIG / "alerts.yml"
 DASHBOARD = CONFIG / "grafana-dashboard.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
-HISTOGRAMS = {"rollout_request_duration_seconds", "rollout_memory_megabytes",
+HISTOGRAMS = {"rollout_request_duration_seconds", "rollout_memory_bytes",
               "rollout_time_to_first_byte_seconds"}
 METRICS = HISTOGRAMS | {
     "rollout_requests_total", "rollout_tokens_total", "rollout_shadow_comparisons_total",
