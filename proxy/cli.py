@@ -78,13 +78,22 @@ def format_plan(config: Config) -> str:
         f"listen:      {config.listen}   admin: {config.admin.listen} "
         f"(token from ${config.admin.token_env})",
     ]
-    lines += [f"backend:     {b.name} {b.url} (timeout {b.timeout_s:g} s)"
-              for b in config.backends.values()]
+    for b in config.backends.values():
+        lines.append(f"backend:     {b.name} {b.url} (timeout {b.timeout_s:g} s)")
+        lines += [f"  header:    {name}: {value} (on every request to {b.name})"
+                  for name, value in b.headers]
     lines += [
         f"paths:       {', '.join(r.paths)} (others go to legacy)",
         f"user id:     {sources}; anonymous -> {r.anonymous}; opt header {r.opt_header}",
+        f"cohort:      {r.bucketing}"
+        + (f"; sessions pinned by {r.session.kind} {r.session.name} for "
+           f"{r.session_ttl_s:g} s" if r.session else "; no session pinning"),
         f"mirroring:   {describe_mirroring(phase, sh.sample)}"
         f" (max {sh.max_in_flight} in flight, timeout {sh.timeout_s:g} s)",
+        f"  mirrored:  methods {', '.join(sorted(sh.methods))}; never: other methods"
+        + (f", paths under {', '.join(sh.exclude_paths)}" if sh.exclude_paths else "")
+        + " (side effects a copy must not repeat)",
+        "  copies:    X-Rollout-Shadow: 1" + "".join(f", {n}: {v}" for n, v in sh.headers),
         f"fallback:    {'on ' + ', '.join(on) if fb.enabled else 'off'}, {fb.attempts} "
         f"attempt(s), budget {fb.budget_ratio:.0%}"
         + ("; none in sunset" if phase == "sunset" else ""),

@@ -29,26 +29,29 @@ class Profile:
     seconds: float
     memory_mb: float
     failure_rate: float
+    streams: bool = False  # answers as server-sent events, usage in the last event
 
 
 PROFILES = {
     "legacy": Profile("legacy", 12_000, 5.0, 820.0, 0.0),
-    "next_gen": Profile("next_gen", 1_200, 0.5, 310.0, 0.02),
+    "next_gen": Profile("next_gen", 1_200, 0.5, 310.0, 0.02, streams=True),
 }
+STEPS = 5
+FEATURE_FLAGS = "intent_analysis,vision_perception,parallel_execution,smart_caching"
 
 
 def backend_app(profile: Profile, speed: float,
                 rng: random.Random | None = None) -> web.Application:
     rng = rng or random.Random()
 
-    async def task(request: web.Request) -> web.Response:
+    async def task(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        await asyncio.sleep(profile.seconds / speed * rng.uniform(0.8, 1.2))
+        seconds = profile.seconds / speed * rng.uniform(0.8, 1.2)
         tokens = int(profile.tokens * rng.uniform(0.9, 1.1))
         memory = round(profile.memory_mb * rng.uniform(0.9, 1.1), 1)
-        headers = {"X-Tokens-Used": str(tokens), "X-Memory-MB": str(memory),
-                   "X-Backend": profile.name}
+        headers = {"X-Memory-MB": str(memory), "X-Backend": profile.name}
         if rng.random() < profile.failure_rate:
+            await asyncio.sleep(seconds)
             return web.json_response({"success": False, "error": "agent crashed",
                                       "usage": {"total_tokens": tokens}},
                                      status=500, headers=headers)
@@ -58,7 +61,26 @@ def backend_app(profile: Profile, speed: float,
                                         "echo_bytes": len(body)},
             "usage": {"total_tokens": tokens},
         }
+        if profile.streams:
+            return await stream(request, answer, seconds, headers)
+        await asyncio.sleep(seconds)
+        headers["X-Tokens-Used"] = str(tokens)
         return web.json_response(answer, headers=headers)
+
+    async def stream(request: web.Request, answer: dict[str, Any], seconds: float,
+                     headers: dict[str, str]) -> web.StreamResponse:
+        """An OpenAI chat-completions style stream: deltas, then usage, then [DONE]."""
+        response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for step in range(STEPS):
+            await asyncio.sleep(seconds / STEPS)
+            delta = {"id": answer["id"], "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": {"content": f"step {step + 1} "}}]}
+            await response.write(f"data: {json.dumps(delta)}\n\n".encode())
+        await response.write(f"data: {json.dumps(answer)}\n\ndata: [DONE]\n\n".encode())
+        await response.write_eof()
+        return response
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"backend": profile.name, "status": "ok"})
@@ -99,11 +121,14 @@ def demo_config(legacy: int, next_gen: int, listen: int, admin: int) -> dict[str
         "listen": f"127.0.0.1:{listen}",
         "admin": {"listen": f"127.0.0.1:{admin}", "token_env": "ROLLOUT_ADMIN_TOKEN"},
         "backends": {"legacy": {"url": f"http://127.0.0.1:{legacy}", "timeout_s": 60},
-                     "next_gen": {"url": f"http://127.0.0.1:{next_gen}", "timeout_s": 60}},
+                     "next_gen": {"url": f"http://127.0.0.1:{next_gen}", "timeout_s": 60,
+                                  "headers": {"X-Feature-Flags": FEATURE_FLAGS}}},
         "rollout": {"phase": "shadow", "percentage": 10, "salt": "demo"},
-        "shadow": {"sample": 1.0, "compare": {"ignore": ["id", "created", "backend"]}},
+        "shadow": {"sample": 1.0, "compare": {"ignore": ["backend"], "baseline_sample": 0.2}},
         "guards": {"min_requests": 20, "action": "alert"},
-        "telemetry": {"trace_file": "traces/comparisons.jsonl"},
+        "telemetry": {"trace_file": "traces/comparisons.jsonl",
+                      "cost": {"legacy": {"usd_per_1k_tokens": 0.03},
+                               "next_gen": {"usd_per_1k_tokens": 0.002}}},
     }
 
 
