@@ -53,29 +53,37 @@ def retrying(attempts: int, sleep: Callable[[float], Awaitable[Any]]) -> AsyncRe
 
 
 class RetryBudget:
-    """Fallbacks allowed: at most `ratio` of the requests seen in the last `window_s`."""
+    """Fallbacks allowed: at most `ratio` of the requests seen in the last `window_s`,
+    counted in per-second buckets [second, requests, retries] so memory stays flat."""
 
     def __init__(self, ratio: float, window_s: float, monotonic: Callable[[], float]) -> None:
         self.ratio, self.window_s, self.monotonic = ratio, window_s, monotonic
-        self.requests: deque[float] = deque()
-        self.retries: deque[float] = deque()
+        self.buckets: deque[list[int]] = deque()
+        self.requests = self.retries = 0
 
-    def _prune(self, now: float) -> None:
-        edge = now - self.window_s
-        for times in (self.requests, self.retries):
-            while times and times[0] < edge:
-                times.popleft()
+    def _bucket(self) -> list[int]:
+        now = self.monotonic()
+        second = int(now)
+        if not self.buckets or self.buckets[-1][0] != second:
+            self.buckets.append([second, 0, 0])
+            edge = now - self.window_s
+            while self.buckets and self.buckets[0][0] < edge:
+                _, requests, retries = self.buckets.popleft()
+                self.requests -= requests
+                self.retries -= retries
+        return self.buckets[-1]
 
     def request(self) -> None:
-        self.requests.append(self.monotonic())
+        self._bucket()[1] += 1
+        self.requests += 1
 
     def allow(self) -> bool:
-        now = self.monotonic()
-        self._prune(now)
+        bucket = self._bucket()
         # A floor of a few fallbacks keeps low traffic from being refused every retry.
-        if len(self.retries) >= max(3.0, self.ratio * len(self.requests)):
+        if self.retries >= max(3.0, self.ratio * self.requests):
             return False
-        self.retries.append(now)
+        bucket[2] += 1
+        self.retries += 1
         return True
 
 
@@ -88,6 +96,7 @@ class Breaker:
         self.state = "closed"
         self.consecutive = 0
         self.outcomes: deque[tuple[float, bool]] = deque()
+        self.failures = 0  # failures among `outcomes`, kept in step with it
         self.opened_at = 0.0
         self.probes_left = 0
         self.probe_successes = 0
@@ -123,9 +132,10 @@ class Breaker:
             return
         self.consecutive = 0 if ok else self.consecutive + 1
         self.outcomes.append((now, ok))
+        self.failures += not ok
         edge = now - self.config.window_s
         while self.outcomes and self.outcomes[0][0] < edge:
-            self.outcomes.popleft()
+            self.failures -= not self.outcomes.popleft()[1]
         if self.consecutive >= self.config.consecutive_failures or self._rate_tripped():
             self._open(now)
 
@@ -133,16 +143,17 @@ class Breaker:
         total = len(self.outcomes)
         if total < self.config.min_requests:
             return False
-        failures = sum(1 for _, ok in self.outcomes if not ok)
-        return failures / total > self.config.error_rate
+        return self.failures / total > self.config.error_rate
 
     def _open(self, now: float) -> None:
         self.opened_at = now
         self.outcomes.clear()
+        self.failures = 0
         self.consecutive = 0
         self._set("open")
 
     def _close(self) -> None:
         self.consecutive = 0
         self.outcomes.clear()
+        self.failures = 0
         self._set("closed")

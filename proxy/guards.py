@@ -10,6 +10,7 @@ Rules (SPEC "Guard windows"):
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,44 +56,83 @@ def rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+class Bucket:
+    """One second of one backend's answers: exact counts and sums, and at most
+    RESERVOIR answer times (a uniform sample), so memory stays flat at any rate."""
+
+    __slots__ = ("cost", "costs", "errors", "memories", "memory", "n", "second", "seen_times",
+                 "times", "tokens", "tokens_n")
+
+    def __init__(self, second: int) -> None:
+        self.second = second
+        self.n = self.errors = self.tokens_n = self.memories = self.costs = self.seen_times = 0
+        self.tokens = self.memory = self.cost = 0.0
+        self.times: list[float] = []
+
+
+RESERVOIR = 200
+
+
 class Windows:
-    """Per-backend rolling windows; entries are (time, is_error, time_ms, tokens, memory,
-    cost)."""
+    """Per-backend rolling windows of per-second buckets."""
 
     def __init__(self, window_s: float, monotonic: Callable[[], float]) -> None:
         self.window_s, self.monotonic = window_s, monotonic
-        self.entries: dict[str, deque[tuple[float, bool, float | None, float | None,
-                                            float | None, float | None]]] = {
-            b: deque() for b in BACKENDS}
+        self.entries: dict[str, deque[Bucket]] = {b: deque() for b in BACKENDS}
+        self.rng = random.Random()
 
     def add(self, backend: str, seen: Measurement) -> None:
-        error = seen.status is None or seen.status >= 500
-        time_ms = seen.time_ms if seen.status is not None else None
-        self.entries[backend].append((self.monotonic(), error, time_ms, seen.tokens,
-                                      seen.memory_mb, seen.cost_usd))
+        second = int(self.monotonic())
+        buckets = self.entries[backend]
+        if not buckets or buckets[-1].second != second:
+            buckets.append(Bucket(second))
+            if len(buckets) > self.window_s + 2:
+                self.prune()
+        bucket = buckets[-1]
+        bucket.n += 1
+        if seen.status is None or seen.status >= 500:
+            bucket.errors += 1
+        if seen.status is not None:
+            bucket.seen_times += 1
+            if len(bucket.times) < RESERVOIR:
+                bucket.times.append(seen.time_ms)
+            elif (slot := self.rng.randrange(bucket.seen_times)) < RESERVOIR:
+                bucket.times[slot] = seen.time_ms
+        if seen.tokens is not None:
+            bucket.tokens += seen.tokens
+            bucket.tokens_n += 1
+        if seen.memory_mb is not None:
+            bucket.memory += seen.memory_mb
+            bucket.memories += 1
+        if seen.cost_usd is not None:
+            bucket.cost += seen.cost_usd
+            bucket.costs += 1
 
     def prune(self) -> None:
         edge = self.monotonic() - self.window_s
-        for entries in self.entries.values():
-            while entries and entries[0][0] < edge:
-                entries.popleft()
+        for buckets in self.entries.values():
+            while buckets and buckets[0].second < edge:  # its start left the window
+                buckets.popleft()
 
     def figures(self, backend: str) -> Figures:
         self.prune()
-        entries = self.entries[backend]
-        total = len(entries)
-        errors = sum(1 for e in entries if e[1])
-        times = sorted(e[2] for e in entries if e[2] is not None)
-        tokens = [e[3] for e in entries if e[3] is not None]
-        memory = [e[4] for e in entries if e[4] is not None]
-        cost = [e[5] for e in entries if e[5] is not None]
+        buckets = self.entries[backend]
+        total = sum(b.n for b in buckets)
+        errors = sum(b.errors for b in buckets)
+        times = sorted(t for b in buckets for t in b.times)
         return Figures(total, errors, errors / total if total else 0.0,
-                       quantile(times, 0.5), quantile(times, 0.95), mean(tokens), mean(memory),
-                       mean(cost))
+                       quantile(times, 0.5), quantile(times, 0.95),
+                       ratio_of(sum(b.tokens for b in buckets), sum(b.tokens_n for b in buckets)),
+                       ratio_of(sum(b.memory for b in buckets), sum(b.memories for b in buckets)),
+                       ratio_of(sum(b.cost for b in buckets), sum(b.costs for b in buckets)))
 
     def clear(self) -> None:
-        for entries in self.entries.values():
-            entries.clear()
+        for buckets in self.entries.values():
+            buckets.clear()
+
+
+def ratio_of(total: float, count: int) -> float | None:
+    return total / count if count else None
 
 
 def quantile(ordered: list[float], q: float) -> float | None:
