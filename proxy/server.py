@@ -30,6 +30,7 @@ from proxy.upstream import UpstreamError, read_error
 
 log = logging.getLogger("rollout_proxy")
 NO_BODY_STATUS = frozenset({204, 304})
+SMALL_BODY = 64 * 1024  # answers up to this size (with a known length) are sent in one write
 
 
 class BodyTooLarge(Exception):
@@ -165,15 +166,29 @@ class ProxyHandler:
             headers["X-Rollout-Fallback"] = "true"
         if answer.backend == "legacy" and decision.deprecated:
             headers.extend(self.rt.deprecation_headers())
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=headers)
         length = upstream.content_length
-        if length is not None and upstream.status not in NO_BODY_STATUS:
-            response.content_length = length
+        small = (length is not None and length <= SMALL_BODY and request.method != "HEAD"
+                 and upstream.status not in NO_BODY_STATUS and "Content-Type" in headers)
+        response: web.StreamResponse
+        if small:  # head and body leave in one write
+            response = web.Response(status=upstream.status, reason=upstream.reason,
+                                    headers=headers)
+        else:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                          headers=headers)
+            if length is not None and upstream.status not in NO_BODY_STATUS:
+                response.content_length = length
         tee = tee_for(upstream.headers, config.telemetry, primary_seen is not None)
         first_byte, error = None, None
         try:
-            await response.prepare(request)
+            if isinstance(response, web.Response):
+                body = await upstream.read()
+                first_byte = self.rt.monotonic()
+                tee.feed(body)
+                response.body = body
+                await response.prepare(request)
+            else:
+                await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 if first_byte is None:
                     first_byte = self.rt.monotonic()
@@ -199,6 +214,10 @@ class ProxyHandler:
         if error is not None:
             log.warning(json.dumps({"event": "answer_cut", "request_id": rid,
                                     "backend": answer.backend, "error": str(error)}))
+            if not response.prepared and error.kind != "client_gone":
+                # Nothing reached the client yet: it gets a proper error, not a cut.
+                return error_response(error.status, str(error), rid,
+                                      X_Rollout_Backend=answer.backend)
             if request.transport is not None:
                 request.transport.abort()
             return response
