@@ -173,6 +173,13 @@ def apply_config(runtime: Runtime, new: Config) -> None:
     runtime.budget.ratio = new.fallback.budget_ratio
     if runtime.shadow is not None:
         runtime.shadow.config = new
+        for name, backend in new.backends.items():
+            if backend != old.backends.get(name) or new.shadow != old.shadow:
+                stale = runtime.shadow.pools[name]
+                runtime.shadow.pools[name] = make_pool(backend, timeout_s=new.shadow.timeout_s,
+                                                       limit=max(1, new.shadow.max_in_flight))
+                runtime.tasks.spawn(close_later(stale, new.shadow.timeout_s),
+                                    name="pool-retire")
         runtime.shadow.budget.tokens_cap = new.shadow.tokens_per_hour
         runtime.shadow.budget.usd_cap = new.shadow.usd_per_hour
     runtime.applied = due_steps(new.rollout.schedule, runtime.stored, runtime.clock())
@@ -180,8 +187,11 @@ def apply_config(runtime: Runtime, new: Config) -> None:
 
 
 async def close_later(pool: Any, delay_s: float) -> None:
-    await asyncio.sleep(delay_s)
-    await pool.close()
+    """Close a retired pool once its requests had time to finish (at once on shutdown)."""
+    try:
+        await asyncio.sleep(delay_s)
+    finally:
+        await pool.close()
 
 
 async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:

@@ -68,7 +68,7 @@ class EventStream:
             return
         try:
             document = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         self.last_json = document
         for path in self.wanted:

@@ -76,7 +76,7 @@ class Tee:
             return None
         try:
             return json.loads(b"".join(self.chunks))
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting is not a figure we can read
             return None
 
     def stream_document(self) -> Any:

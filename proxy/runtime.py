@@ -137,7 +137,8 @@ class Runtime:
                      headers: CIMultiDict[str], body: bytes | None) -> Answer:
         """The primary's answer head, or legacy's when next_gen failed and fallback applies."""
         primary = decision.primary
-        if primary == "next_gen" and decision.fallback and not self.breaker.allow():
+        if (primary == "next_gen" and decision.fallback and self.config.fallback.enabled
+                and not self.breaker.allow()):
             self.metrics.fallbacks.labels("circuit_open").inc()
             answer = await self.send("legacy", "fallback", method, path_qs, headers, body)
             answer.fallback_reason = "circuit_open"
@@ -159,14 +160,19 @@ class Runtime:
         self.breaker.record(answer.response.status < 500)
         if reason is None:
             return answer
+        if not self.budget.allow():  # past the budget: next_gen's own answer, untouched
+            self.metrics.fallbacks.labels("budget").inc()
+            return answer
         answer.response.release()
         self.metrics_answered(answer, answer.response.status)
         error = UpstreamError("status", f"next_gen answered {answer.response.status}")
-        return await self.fall_back(reason, error, method, path_qs, headers, body)
+        return await self.fall_back(reason, error, method, path_qs, headers, body,
+                                    budgeted=True)
 
     async def fall_back(self, reason: str, cause: UpstreamError, method: str, path_qs: str,
-                        headers: CIMultiDict[str], body: bytes | None) -> Answer:
-        if not self.budget.allow():
+                        headers: CIMultiDict[str], body: bytes | None,
+                        budgeted: bool = False) -> Answer:
+        if not budgeted and not self.budget.allow():
             self.metrics.fallbacks.labels("budget").inc()
             raise cause
         self.metrics.fallbacks.labels(reason).inc()

@@ -31,6 +31,7 @@ class TraceWriter:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
+        self.writing: asyncio.Future[None] | None = None  # the write running in its thread
 
     def write(self, record: dict[str, Any]) -> None:
         if len(self.buffer) >= MAX_BUFFERED:
@@ -54,7 +55,10 @@ class TraceWriter:
                 return
             lines, self.buffer = self.buffer, []
             try:
-                await asyncio.to_thread(self._append, "".join(lines))
+                # Shielded: a cancelled flush leaves its write to finish, and close() waits.
+                self.writing = asyncio.ensure_future(
+                    asyncio.to_thread(self._append, "".join(lines)))
+                await asyncio.shield(self.writing)
             except OSError as exc:
                 self.metrics.trace_lines.labels("error").inc(len(lines))
                 log.error(json.dumps({"event": "trace_write_failed", "path": str(self.path),
@@ -80,4 +84,6 @@ class TraceWriter:
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
 
     async def close(self) -> None:
+        if self.writing is not None:
+            await asyncio.wait([self.writing])
         await self.flush()

@@ -8,6 +8,7 @@ UpstreamError at this boundary, with the status the client should get.
 from __future__ import annotations
 
 import asyncio
+import io
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -74,7 +75,10 @@ async def send(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
     url = URL(pool.backend.url + path_qs, encoded=True)
     try:
         # The session's sock_read bounds the wait for the answer's head (first byte).
-        return await pool.session.request(method, url, headers=headers, data=body,
+        # A fresh BytesIO per send: aiohttp streams it (bytes over 1 MiB warn of a blocked
+        # loop), and a fallback replays the same bytes.
+        data = io.BytesIO(body) if body is not None and len(body) > 2**20 else body
+        return await pool.session.request(method, url, headers=headers, data=data,
                                           allow_redirects=False, compress=None)
     except aiohttp.ConnectionTimeoutError as exc:  # nothing reached the backend
         raise UpstreamError("connect_error", f"cannot connect to {pool.backend.name} within "
