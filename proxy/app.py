@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import Admin
@@ -74,6 +76,25 @@ class HeadDeadlineHandler(RequestHandler):
             self._deadline.cancel()
             self._deadline = None
         super().connection_lost(exc)
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """Errors the proxy makes itself are JSON (SPEC), and a malformed request is one
+        compact log line, not a traceback any client could flood the logs with."""
+        if request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        rid = uuid.uuid4().hex
+        if status >= 500:
+            self.log_exception("error handling a request", exc_info=exc)
+        else:
+            log.info(json.dumps({"event": "bad_request", "status": status, "request_id": rid,
+                                 "detail": str(exc or message or "")[:200]}))
+        reason = str(getattr(exc, "message", "") or message or "bad request").strip()
+        answer = web.json_response({"error": reason[:200], "request_id": rid}, status=status,
+                                   headers={"X-Request-Id": rid})
+        answer.force_close()
+        return answer
 
     def _too_slow(self) -> None:
         self._deadline = None
@@ -220,8 +241,8 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
 
     server = web.Server(proxy.handler, access_log=None, keepalive_timeout=75,
                         max_field_size=16384)
-    runner = web.ServerRunner(server, handle_signals=False,
-                              shutdown_timeout=max(config.limits.drain_timeout_s, 0.1))
+    # stop() gives requests drain_timeout_s itself; cleanup then only cancels what is left.
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.1)
     await runner.setup()
     site = ProxySite(runner, config.listen.host, config.listen.port,
                      config.limits.header_timeout_s, reuse_port)

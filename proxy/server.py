@@ -19,7 +19,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.config import Config, UserIdSource
 from proxy.headers import downstream_headers, request_id, upstream_headers
@@ -30,6 +29,8 @@ from proxy.upstream import UpstreamError, read_error
 
 log = logging.getLogger("rollout_proxy")
 NO_BODY_STATUS = frozenset({204, 304})
+WEBSOCKET_OWN = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
+                 "Sec-WebSocket-Protocol")
 SMALL_BODY = 64 * 1024  # answers up to this size (with a known length) are sent in one write
 
 
@@ -51,6 +52,9 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes | None:
         raise BodyTooLarge
     if not request.body_exists:
         return None
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        # web.Server (unlike an Application's router) does not answer it: the client waits.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     chunks, size = [], 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
@@ -229,27 +233,38 @@ class ProxyHandler:
         """Pass a WebSocket through to the primary backend, frames both ways."""
         pool = self.rt.pools[decision.primary]
         url = pool.backend.url.replace("http", "ws", 1) + request.raw_path
-        headers = CIMultiDict({"X-Request-Id": rid})
-        for name in ("Authorization", "Cookie", "X-User-Id", "Origin"):
-            if name in request.headers:
-                headers[name] = request.headers[name]
+        headers = upstream_headers(request.headers, rid=rid, peer=request.remote or "",
+                                   scheme=request.scheme, host=request.headers.get("Host"),
+                                   trusted_hops=self.rt.config.limits.trusted_hops,
+                                   extra=pool.backend.headers)
+        for name in WEBSOCKET_OWN:  # the client session negotiates its own handshake
+            headers.popall(name, None)
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+                   if p.strip()]
         try:
-            upstream = await pool.session.ws_connect(url, headers=headers)
+            upstream = await pool.session.ws_connect(url, headers=headers, protocols=offered)
         except aiohttp.ClientError as exc:
-            return error_response(502, f"websocket to {decision.primary} failed: {exc}", rid)
-        client = web.WebSocketResponse(protocols=(upstream.protocol and (upstream.protocol,)) or ())
+            return error_response(502, f"websocket to {decision.primary} failed: {exc}", rid,
+                                  X_Rollout_Backend=decision.primary)
+        client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else ())
         client.headers["X-Rollout-Backend"] = decision.primary
+        client.headers["X-Request-Id"] = rid
         await client.prepare(request)
         await asyncio.gather(pump(client, upstream), pump(upstream, client))
         return client
 
 
 async def pump(source: Any, sink: Any) -> None:
-    async for message in source:
+    """Frames one way until a close, whose code and reason pass on unchanged."""
+    code, reason = aiohttp.WSCloseCode.OK, b""
+    while True:
+        message = await source.receive()
         if message.type == aiohttp.WSMsgType.TEXT:
             await sink.send_str(message.data)
         elif message.type == aiohttp.WSMsgType.BINARY:
             await sink.send_bytes(message.data)
         else:
+            if message.type == aiohttp.WSMsgType.CLOSE:
+                code, reason = message.data, (message.extra or "").encode()
             break
-    await sink.close()
+    await sink.close(code=code, message=reason)
