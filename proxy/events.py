@@ -37,17 +37,18 @@ class EventStream:
             if self._skipping:
                 self._skipping = False
                 continue
-            self._line(line)
+            if len(line) <= MAX_LINE:
+                self._line(line)
         rest = buffer[start:]
-        if len(rest) > MAX_LINE:
-            rest, self._skipping = b"", True
+        if len(rest) > MAX_LINE:  # keep a trailing CR: it may be half of this line's end
+            rest, self._skipping = rest[-1:] if rest.endswith(b"\r") else b"", True
         self._buffer = rest
 
     def close(self) -> None:
         """End of stream: a final event without its blank line still counts."""
-        if self._buffer:
-            self._line(self._buffer)
-            self._buffer = b""
+        if self._buffer and not self._skipping:
+            self._line(self._buffer.removesuffix(b"\r"))
+        self._buffer, self._skipping = b"", False
         self._line(b"")
 
     def _line(self, line: bytes) -> None:
@@ -64,7 +65,7 @@ class EventStream:
 
     def _dispatch(self, data: bytes) -> None:
         self.events += 1
-        if not self.wanted or not data.startswith((b"{", b"[")):
+        if not self.wanted or not data.lstrip(b" \t\r\n").startswith((b"{", b"[")):
             return
         try:
             document = json.loads(data)

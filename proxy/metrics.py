@@ -120,7 +120,7 @@ class Metrics:
                         backend, role, klass)
         for result in ("match", "mismatch", "error"):
             self.comparisons.labels(result)
-        for reason in ("overload", "shutdown"):
+        for reason in ("overload", "shutdown", "budget"):
             self.shadow_dropped.labels(reason)
         for phase in PHASES:
             self.phase.labels(phase).set(0)

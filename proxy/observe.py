@@ -97,7 +97,7 @@ class Tee:
 
 def tee_for(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: bool) -> Tee:
     """A Tee that collects what this answer's figures need, and nothing more."""
-    content_type = headers.get("Content-Type", "")
+    content_type = headers.get("Content-Type", "").lower()  # media types ignore case
     if content_type.startswith("text/event-stream") and not headers.get("Content-Encoding"):
         wanted = tuple(p for p in (telemetry.tokens.json, telemetry.success.json) if p)
         if compare or (telemetry.tokens.json and not (
@@ -108,7 +108,7 @@ def tee_for(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: boo
 
 def wants_body(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: bool) -> bool:
     """Whether a figure (or a comparison) needs the body: only JSON bodies are ever parsed."""
-    if "json" not in headers.get("Content-Type", "") or headers.get("Content-Encoding"):
+    if "json" not in headers.get("Content-Type", "").lower() or headers.get("Content-Encoding"):
         return False
     if compare:
         return True

@@ -1,0 +1,171 @@
+"""`make bench`: rollout-proxy against direct, nginx, haproxy and a minimal aiohttp proxy.
+
+Interleaved rounds, the proxies pinned to core 0 and the load generator and backends to
+core 1. `--scenario slow5000|soak|sse|flaky` runs the other benchmarks instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from load import checks, procs, reference, rollout, scenarios, targets
+from load.measure import Load, wrk_available
+from load.output import Report, header, placement, skipped_text, tool_text
+from load.procs import raise_fd_limit
+from load.rounds import Plan, Summary, format_table, run_rounds, say, summarise
+
+SCENARIOS = ("throughput", "slow5000", "soak", "sse", "flaky")
+ALL_TARGETS = ("direct", "legacy", "shadow", "progressive", "nginx", "haproxy", "minimal")
+
+
+def throughput_checks(rows: list[Summary]) -> list[checks.Check]:
+    by = {s.name: s for s in rows}
+
+    def rps(name: str) -> float | None:
+        return by[name].rps if name in by else None
+
+    added = by["progressive"].added_p50_ms if "progressive" in by else None
+    return [
+        checks.at_least("progressive / minimal proxy (req/s)",
+                        checks.ratio(rps("progressive"), rps("minimal")), 1.0),
+        checks.at_least("shadow / progressive (req/s)",
+                        checks.ratio(rps("shadow"), rps("progressive")), 0.60),
+        checks.at_most("added p50 at 1 connection, progressive over direct", added, 0.30, " ms"),
+    ]
+
+
+async def _targets(children: procs.Children, wanted: set[str], workdir: Path,
+                   skipped: targets.Skipped, nginx: bool,
+                   overrides: list[tuple[str, Any]]) -> list[targets.Target]:
+    legacy = await targets.backend(children, "backend-legacy", nginx=nginx)
+    next_gen = await targets.backend(children, "backend-next_gen", nginx=nginx)
+    found = [targets.Target("direct", legacy.url, (), f"{legacy.note}, no proxy")]
+    if wanted & {"legacy", "shadow", "progressive"}:
+        found += await targets.rollout_phases(children, legacy, next_gen, workdir, skipped,
+                                              tuple(overrides))
+    if wanted & {"nginx", "haproxy", "minimal"}:
+        found += await targets.references(children, legacy, workdir, skipped)
+    return [t for t in found if t.name in wanted]
+
+
+async def throughput(args: argparse.Namespace, plan: Plan, workdir: Path) -> Report:
+    skipped = targets.Skipped()
+    nginx = reference.nginx_available() and not args.no_nginx_backend
+    async with procs.Children(workdir / "logs") as children:
+        found = await _targets(children, set(args.targets), workdir, skipped, nginx, args.set)
+        results = await run_rounds(found, plan, workdir)
+    rows = summarise(found, results)
+    verdicts = throughput_checks(rows)
+    engine = "nginx fixed JSON" if nginx else "load.backend fast (raw asyncio)"
+    lines = [f"{plan.rounds} rounds, interleaved; each: {tool_text(plan.busy, plan.use_wrk)}",
+             f"backends: two {engine} instances (legacy, next_gen)"]
+    if plan.single is not None:
+        lines.append(f"latency at 1 connection: -c1 for {plan.single.duration_s:g} s per round;"
+                     " added = its p50 minus direct's")
+    text = "\n\n".join([header("rollout-proxy bench: throughput", lines), format_table(rows),
+                        checks.format_checks(verdicts), *skipped_text(skipped)])
+    data = {"scenario": "throughput", "placement": placement(),
+            "tool": tool_text(plan.busy, plan.use_wrk),
+            "rounds": plan.rounds, "targets": [s.to_json() for s in rows],
+            "checks": [c.to_json() for c in verdicts], "skipped": skipped.reasons,
+            "runs": {name: {"busy": [m.to_json() for m in r.busy],
+                            "single": [m.to_json() for m in r.single],
+                            "failures": r.failures} for name, r in results.items()}}
+    return Report(text, data)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m load.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=SCENARIOS, default="throughput")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="default 3 (slow5000 and soak: 1)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per target per round (soak: the whole soak; default 5/600)")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--latency-duration", type=float, default=3.0,
+                        help="seconds of the 1-connection run per target per round (0: none)")
+    parser.add_argument("--targets", type=lambda s: s.split(","), default=list(ALL_TARGETS),
+                        help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
+    parser.add_argument("--phase", default="legacy", help="slow5000: the proxy's phase")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="soak: seconds before RSS must be flat (default 10 %% of the soak)")
+    parser.add_argument("--set", type=rollout.parse_override, action="append", default=[],
+                        metavar="KEY.PATH=VALUE",
+                        help="override a key of the generated rollout-proxy config, e.g. "
+                        "backends.legacy.max_connections=10000 (repeatable)")
+    parser.add_argument("--python-client", action="store_true",
+                        help="use load.loadgen even when wrk is installed")
+    parser.add_argument("--no-nginx-backend", action="store_true",
+                        help="use load.backend even when nginx is installed")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
+    return parser.parse_args(argv)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    duration = args.duration or (600.0 if args.scenario == "soak" else 5.0)
+    single = (Load(connections=1, duration_s=args.latency_duration)
+              if args.latency_duration > 0 else None)
+    rounds = args.rounds or (1 if args.scenario in ("slow5000", "soak") else 3)
+    return Plan(rounds=max(1, rounds),
+                busy=Load(connections=args.connections, duration_s=duration),
+                single=single, use_wrk=wrk_available() and not args.python_client)
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace, Plan, Path], Awaitable[Report]]] = {
+    "throughput": throughput,
+    "slow5000": scenarios.slow5000,
+    "soak": scenarios.soak,
+    "sse": scenarios.sse,
+    "flaky": scenarios.flaky,
+}
+
+
+async def run(args: argparse.Namespace) -> Report:
+    # SIGTERM cancels like Ctrl-C does, so every child is stopped on the way out.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    workdir = Path(tempfile.mkdtemp(prefix="rollout-bench-"))
+    (workdir / "logs").mkdir()
+    try:
+        return await RUNNERS[args.scenario](args, make_plan(args), workdir)
+    finally:
+        if args.keep:
+            say(f"work dir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if procs.cores() >= 2:
+        os.sched_setaffinity(0, {targets.LOAD_CPU})
+    raise_fd_limit()  # children inherit it: wrk -c5000, the proxies
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            report = runner.run(run(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench interrupted; its processes are stopped", file=sys.stderr)
+        return 130
+    print(report.text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.data, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Smoke test of the load tools (load/): short runs against the fake backend, directly and
+through rollout-proxy. They prove the tools work end to end, never how fast anything is."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+# `load` is a directory of the repo, not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from load import loadgen, rollout, targets
+from load.measure import parse_wrk
+from load.procs import Children
+from load.wire import RequestParser
+
+REQUESTS = 200
+DURATION_S = 1.0
+
+
+@pytest.fixture
+async def children(tmp_path: Path) -> AsyncIterator[Children]:
+    async with Children(tmp_path) as started:
+        yield started
+
+
+def _proxy_installed() -> bool:
+    return rollout.executable() is not None and importlib.util.find_spec("proxy.cli") is not None
+
+
+async def test_loadgen_against_backend_completes_without_errors(children: Children) -> None:
+    backend = await targets.backend(children, "backend")
+
+    result = await loadgen.run(backend.url, "users", concurrency=4, requests=REQUESTS,
+                               duration=DURATION_S, timeout_s=5)
+
+    assert result.requests > 0
+    assert result.error_count == 0
+    assert result.ok == result.requests <= REQUESTS
+
+
+async def test_loadgen_posts_through_rollout_proxy_in_legacy(children: Children,
+                                                             tmp_path: Path) -> None:
+    if not _proxy_installed():
+        pytest.skip("rollout-proxy is not installed")
+    backend = await targets.backend(children, "backend")
+    setup = rollout.Setup("legacy", backend.url, backend.url)
+    proxy = await rollout.start(children, "proxy", setup, tmp_path, cpu=None, ready_timeout_s=30)
+
+    result = await loadgen.run(proxy.url, "post", concurrency=4, requests=REQUESTS,
+                               duration=DURATION_S, timeout_s=5)
+
+    assert result.requests > 0
+    assert result.error_count == 0
+    assert result.ok == result.requests
+
+
+async def test_sse_scenario_counts_every_event(children: Children) -> None:
+    backend = await targets.backend(children, "sse", "sse")
+
+    result = await loadgen.run(backend.url, "sse", concurrency=2, requests=20,
+                               duration=DURATION_S, timeout_s=5)
+
+    assert result.error_count == 0
+    assert result.ok > 0
+    assert result.events == 12 * result.ok  # 10 deltas, the usage event, [DONE]
+
+
+def test_request_parser_frames_pipelined_and_chunked_requests() -> None:
+    parser = RequestParser()
+    buf = bytearray(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+                    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                    b"GET / HTTP/1.0\r\n\r\n")
+
+    requests = [parser.feed(buf) for _ in range(4)]
+
+    assert [r and r.close for r in requests] == [False, False, True, None]
+    assert buf == b""
+
+
+def test_parse_wrk_reads_the_line_our_lua_prints() -> None:
+    output = ('Running 1s test\nWRK_JSON {"requests": 100, "duration_us": 2000000, "bytes": 1, '
+              '"connect": 0, "read": 1, "write": 0, "status": 2, "timeout": 0, "p50_us": 1500, '
+              '"p90_us": 2000, "p99_us": 3000, "max_us": 4000}\n')
+
+    result = parse_wrk(output)
+
+    assert (result.requests, result.errors, result.rps, result.p50_ms) == (100, 3, 50.0, 1.5)
+    assert result.answered_ok == 98
