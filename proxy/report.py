@@ -1,10 +1,10 @@
 """`rollout-proxy report` and `compare`: read comparison traces, print figures and targets.
 
-This module finds and reads the trace files and wires the two subcommands; the figures
-are computed in report_stats (pure, streaming) and rendered by report_format and
-report_html.
+This module finds and reads the trace files (and, with --admin-url or --status, a proxy's
+/admin/status) and wires the two subcommands; the figures are computed in report_stats
+(pure, streaming) and report_status, and rendered by report_format and report_html.
 Exit codes: 0 every target passes (a target with no data neither passes nor fails),
-1 a target fails, 2 the trace is missing, empty or unreadable.
+1 a target fails, 2 the trace is missing, empty or unreadable, or the status cannot be read.
 """
 
 from __future__ import annotations
@@ -12,32 +12,43 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
+import http.client
 import io
 import json
 import re
 import sys
 import time
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from proxy.report_format import compare_json, format_compare, format_report, summary_json
 from proxy.report_html import render_html
 from proxy.report_stats import Summary, summarise
+from proxy.report_status import StatusFigures, failed, read_status
 from proxy.report_trace import MAX_LINE_BYTES, Line
 
-__all__ = ["TraceError", "main", "read_trace", "register", "summarise", "trace_files"]
+__all__ = ["StatusError", "TraceError", "fetch_status", "main", "read_trace", "register",
+           "summarise", "trace_files"]
 
 PROGRESS_MIN_BYTES: Final = 16 << 20  # smaller traces are read before a bar would be seen
 PROGRESS_EVERY_LINES: Final = 8192
+STATUS_TIMEOUT_S: Final = 10.0
+MAX_STATUS_BYTES: Final = 16 << 20  # a status document is a few kB; more is not one
 
 Progress = Callable[[int, int], None]  # (bytes read, lines read)
 
 
 class TraceError(Exception):
     """The trace cannot be summarised at all (exit 2)."""
+
+
+class StatusError(Exception):
+    """The /admin/status asked for cannot be fetched or read (exit 2)."""
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -148,6 +159,61 @@ class ProgressBar:
             self._stream.flush()
 
 
+# --- the proxy's status ----------------------------------------------------------------
+
+
+def status_url(admin_url: str) -> str:
+    base = admin_url.strip().rstrip("/")
+    if "://" not in base:
+        base = "http://" + base  # "127.0.0.1:9090", as admin.listen spells it
+    return base + "/admin/status"
+
+
+def _parsed(data: bytes, source: str) -> Any:
+    if len(data) > MAX_STATUS_BYTES:
+        raise StatusError(f"{source}: larger than {MAX_STATUS_BYTES:,} bytes: not a status")
+    try:
+        document = json.loads(data)
+    except ValueError as exc:  # UnicodeDecodeError is one
+        raise StatusError(f"{source}: not JSON ({exc})") from exc
+    if not isinstance(document, dict):
+        raise StatusError(f"{source}: not a JSON object, so not an /admin/status document")
+    return document
+
+
+def fetch_status(admin_url: str, timeout: float = STATUS_TIMEOUT_S) -> StatusFigures:
+    url = status_url(admin_url)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read(MAX_STATUS_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise StatusError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        raise StatusError(f"cannot fetch {url}: {exc.reason}") from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise StatusError(f"cannot fetch {url}: {str(exc) or type(exc).__name__}") from exc
+    return read_status(_parsed(data, url), url)
+
+
+def load_status_file(path: Path) -> StatusFigures:
+    source = "<stdin>" if str(path) == "-" else str(path)
+    try:
+        data = sys.stdin.buffer.read() if source == "<stdin>" else path.read_bytes()
+    except OSError as exc:
+        raise StatusError(f"{source}: cannot read the status file: {exc.strerror or exc}") \
+            from exc
+    return read_status(_parsed(data, source), source)
+
+
+def _status(args: argparse.Namespace) -> StatusFigures | None:
+    if args.admin_url is not None:
+        return fetch_status(args.admin_url)
+    if args.status is not None:
+        return load_status_file(args.status)
+    return None
+
+
 # --- command line ----------------------------------------------------------------------
 
 
@@ -164,22 +230,24 @@ def _load(path: Path) -> Summary:
 
 def run_report(args: argparse.Namespace) -> int:
     try:
+        # The status first: a wrong URL is told at once, not after a long trace is read.
+        status = _status(args)
         summary = _load(args.trace)
-    except TraceError as exc:
+    except (StatusError, TraceError) as exc:
         print(f"rollout-proxy report: {exc}", file=sys.stderr)
         return 2
     if args.html is not None:
         try:
-            args.html.write_text(render_html(summary), encoding="utf-8")
+            args.html.write_text(render_html(summary, status), encoding="utf-8")
         except OSError as exc:
             print(f"rollout-proxy report: cannot write {args.html}: {exc}", file=sys.stderr)
             return 2
         print(f"wrote {args.html}", file=sys.stderr)
     if args.json:
-        print(json.dumps(summary_json(summary), indent=2))
+        print(json.dumps(summary_json(summary, status), indent=2))
     else:
-        print(format_report(summary), end="")
-    return 1 if summary.failed else 0
+        print(format_report(summary, status), end="")
+    return 1 if failed(summary, status) else 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -198,15 +266,24 @@ def run_compare(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     report = subparsers.add_parser(
         "report", help="summarise a comparison trace against the success targets",
-        description="Summarise a comparison trace against the rollout's success targets. "
+        description="Summarise a comparison trace against the rollout's success targets; with "
+        "--admin-url or --status, also the plan's user targets (satisfaction, migration "
+        "success, support tickets, adoption) and the shadow budget's use. "
         "Exit 0 when every target passes (no data neither passes nor fails), 1 when one "
-        "fails, 2 when the trace is missing, empty or unreadable.")
+        "fails, 2 when the trace is missing, empty or unreadable, or the status cannot be "
+        "read.")
     report.add_argument("trace", type=Path, metavar="TRACE.jsonl",
                         help="the trace; its rotated siblings (TRACE.1, TRACE.2.gz, ...) are "
                         "read first, oldest first; gzip is read as such")
     report.add_argument("--html", type=Path, metavar="FILE",
                         help="also write a self-contained HTML page with charts")
     report.add_argument("--json", action="store_true", help="print the figures as JSON")
+    source = report.add_mutually_exclusive_group()
+    source.add_argument("--admin-url", metavar="URL",
+                        help="read the user targets and budget from GET URL/admin/status "
+                        "(e.g. http://127.0.0.1:9090)")
+    source.add_argument("--status", type=Path, metavar="FILE",
+                        help="read them from a saved /admin/status JSON instead ('-': stdin)")
     report.set_defaults(func=run_report)
     compare = subparsers.add_parser(
         "compare", help="compare two comparison traces side by side",

@@ -5,14 +5,17 @@ Pure functions from a Summary to a string or a JSON-ready dict; the CLI only pri
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from proxy.report_stats import KINDS, Distribution, Figures, SideFigures, Summary, Target
+from proxy.report_status import Budget, StatusFigures, all_targets, failed
 
 TEXT_WORST_PER_KIND: Final = 5
+TEXT_DAYS: Final = 14
 
 Unit = Literal["count", "pct", "x", "ms", "tokens", "mb", "usd"]
 
@@ -36,7 +39,7 @@ def side_figures(side: SideFigures) -> list[Figure]:
         Figure("latency_p90_ms", "latency p90 (ms)", "ms", latency.quantile(0.9)),
         Figure("latency_p99_ms", "latency p99 (ms)", "ms", latency.quantile(0.99)),
         Figure("ttft_p50_ms", "time to first byte p50 (ms)", "ms", ttft.quantile(0.5)),
-        Figure("ttft_p99_ms", "time to first byte p99 (ms)", "ms", ttft.quantile(0.99)),
+        Figure("ttft_p95_ms", "time to first byte p95 (ms)", "ms", ttft.quantile(0.95)),
         Figure("tokens_mean", "tokens mean", "tokens", side.tokens.mean),
         Figure("tokens_total", "tokens total", "tokens", _total(side.tokens)),
         Figure("memory_mean_mb", "memory mean (MB)", "mb", side.memory.mean),
@@ -89,22 +92,29 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) 
 # --- report ----------------------------------------------------------------------------
 
 
-def _measured(target: Target) -> str:
+def format_measured(target: Target) -> str:
     if target.measured is None:
         return "no data"
+    if target.unit == "score":
+        return f"{target.measured:.2f} / 5"
+    if target.measured == math.inf:
+        return "∞x"  # next_gen has tickets where legacy has none
     return format_value("pct" if target.unit == "%" else "x", target.measured)
 
 
-def _threshold(target: Target) -> str:
-    value = f"{target.threshold * 100:g} %" if target.unit == "%" else f"{target.threshold:g}x"
+def format_threshold(target: Target) -> str:
+    goal = target.threshold
+    value = f"{goal * 100:g} %" if target.unit == "%" else f"{goal:g}x" if target.unit == "x" \
+        else f"{goal:g}"
     return f"{'>' if target.above else '<'} {value}"
 
 
 def format_targets(targets: Sequence[Target]) -> str:
-    rows = [[t.name, _measured(t), _threshold(t), t.verdict, f"{t.comparisons:,}"]
+    rows = [[t.name, format_measured(t), format_threshold(t), t.verdict, f"{t.comparisons:,}"]
             for t in targets]
-    table = _table(["success target", "measured", "target", "result", "comparisons"], rows)
-    return "\n".join([table, *(f"  {t.key}: {t.basis}" for t in targets)])
+    table = _table(["success target", "measured", "target", "result", "based on"], rows)
+    notes = (f"  {t.key} ({t.comparisons:,} {t.counts}): {t.basis}" for t in targets)
+    return "\n".join([table, *notes])
 
 
 def format_sides(figures: Figures) -> str:
@@ -127,7 +137,7 @@ def format_results(figures: Figures) -> str:
 
 def _target(figures: Figures, key: str) -> str:
     target = next(t for t in figures.targets if t.key == key)
-    return "-" if target.measured is None else _measured(target)
+    return "-" if target.measured is None else format_measured(target)
 
 
 def format_prefixes(prefixes: Sequence[tuple[str, Figures]]) -> str:
@@ -170,30 +180,113 @@ def _span(summary: Summary) -> str:
     return f"from {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} UTC"
 
 
-def format_header(summary: Summary) -> str:
-    lines = [f"trace: {', '.join(summary.sources) or '-'}",
-             f"{summary.overall.comparisons:,} comparisons in {summary.lines:,} lines"]
+def _status_line(status: StatusFigures) -> str:
+    plan = " ".join([f"phase {status.phase}" if status.phase else "",
+                     f"at {status.percentage:g} %" if status.percentage is not None else ""])
+    facts = [plan.strip(), f"config {status.config_version}" if status.config_version else ""]
+    said = ", ".join(f for f in facts if f)
+    return f"status: {status.source}" + (f" ({said})" if said else "")
+
+
+def format_header(summary: Summary, status: StatusFigures | None = None) -> str:
+    lines = [f"trace: {', '.join(summary.sources) or '-'}"]
+    if status is not None:
+        lines.append(_status_line(status))
+    lines.append(f"{summary.overall.comparisons:,} comparisons in {summary.lines:,} lines")
     if summary.bad_lines:
         lines.append(f"bad lines skipped: {summary.bad_lines:,} (first: {summary.first_bad})")
     lines += [f"read problem: {p}" for p in summary.read_problems]
     return "\n".join([*lines, _span(summary)]).rstrip()
 
 
+def path_rows(summary: Summary) -> list[tuple[str, str, list[list[str]]]]:
+    """(label, share's column, rows): the top differing paths, as a share of mismatches, and
+    the top noise paths, as a share of comparisons (noise is left out of matches too)."""
+    overall = summary.overall
+
+    def share(n: int, of: int) -> str:
+        return format_value("pct", n / of if of else None)
+
+    return [
+        ("path that differs most", "of mismatches",
+         [[p, f"{n:,}", share(n, overall.mismatches)] for p, n in summary.diff_paths]),
+        ("noise path (left out of mismatch)", "of comparisons",
+         [[p, f"{n:,}", share(n, overall.comparisons)] for p, n in summary.noise_paths]),
+    ]
+
+
 def format_paths(summary: Summary) -> str:
-    parts = []
-    for label, paths in (("paths that differ most", summary.diff_paths),
-                         ("noise paths (left out of mismatch)", summary.noise_paths)):
-        if paths:
-            parts.append(f"{label}: " + ", ".join(f"{p} ({n:,})" for p, n in paths))
-    return "\n".join(parts)
+    return "\n\n".join(_table([label, "comparisons", share], rows)
+                        for label, share, rows in path_rows(summary) if rows)
 
 
-def format_report(summary: Summary) -> str:
+def _budget_text(unit: Unit, cap: float | None, used: float | None) -> str:
+    if cap is None:
+        return "no cap"
+    spent = used or 0.0
+    share = f" ({format_value('pct', spent / cap)})" if cap else ""
+    return (f"{format_value(unit, spent)} of {format_value(unit, cap)} used{share}, "
+            f"{format_value(unit, max(0.0, cap - spent))} left in the last hour")
+
+
+def budget_rows(budget: Budget | None) -> list[tuple[str, str]]:
+    if budget is None:
+        return [("shadow budget", "not in the status (no shadow mirror running)")]
+    if not budget.capped:
+        return [("shadow budget", "no cap (shadow.budget is unset)")]
+    return [("shadow budget, USD per hour",
+             _budget_text("usd", budget.usd_per_hour, budget.usd_used)),
+            ("shadow budget, tokens per hour",
+             _budget_text("tokens", budget.tokens_per_hour, budget.tokens_used))]
+
+
+def cost_rows(summary: Summary, status: StatusFigures | None) -> list[tuple[str, str]]:
+    """The cost saving (when the trace has costs on both sides) and the budget's use."""
+    overall, rows = summary.overall, []
+    if overall.cost_pairs:
+        rows.append(("cost saving, next_gen vs legacy",
+                     f"{format_value('pct', overall.cost_saving)} (1 - mean next_gen cost / "
+                     f"mean legacy cost; {overall.cost_pairs:,} comparisons with both costs)"))
+    if status is not None:
+        rows += budget_rows(status.budget)
+    return rows
+
+
+def format_cost(summary: Summary, status: StatusFigures | None) -> str:
+    return "\n".join(f"{label}: {text}" for label, text in cost_rows(summary, status))
+
+
+def day_rows(status: StatusFigures) -> list[list[str]]:
+    def count(n: int | None) -> str:
+        return "-" if n is None else f"{n:,}"
+
+    return [[d.day, count(d.legacy), count(d.next_gen), format_value("pct", d.adoption),
+             count(d.complaints_legacy), count(d.complaints_next_gen)] for d in status.days]
+
+
+DAY_HEADER: Final = ("day (UTC)", "legacy users", "next_gen users", "adoption",
+                     "legacy tickets", "next_gen tickets")
+
+
+def format_days(status: StatusFigures | None) -> str:
+    if status is None:
+        return ""
+    rows = day_rows(status)
+    if not rows:
+        return "active users: none in the status"
+    more = len(rows) - TEXT_DAYS
+    note = f"\n  ... {more:,} older days (--json or --html has them all)" if more > 0 else ""
+    return _table(DAY_HEADER, rows[:TEXT_DAYS]) + note
+
+
+def format_report(summary: Summary, status: StatusFigures | None = None) -> str:
     sections = [
-        format_header(summary),
-        format_targets(summary.overall.targets),
+        format_header(summary, status),
+        format_targets(all_targets(summary, status)),
         format_sides(summary.overall),
+        format_cost(summary, status),
         format_results(summary.overall),
+        format_days(status),
         format_prefixes(summary.prefixes),
         format_worst(summary),
         format_paths(summary),
@@ -206,7 +299,8 @@ def format_report(summary: Summary) -> str:
 
 def _distribution_json(d: Distribution) -> dict[str, Any]:
     return {"count": d.count, "total": d.total, "mean": d.mean,
-            "p50": d.quantile(0.5), "p90": d.quantile(0.9), "p99": d.quantile(0.99),
+            "p50": d.quantile(0.5), "p90": d.quantile(0.9), "p95": d.quantile(0.95),
+            "p99": d.quantile(0.99),
             "min": d.low if d.count else None, "max": d.high if d.count else None}
 
 
@@ -220,10 +314,16 @@ def _side_json(side: SideFigures) -> dict[str, Any]:
             "cost_usd": _distribution_json(side.cost)}
 
 
+def _finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
 def _target_json(t: Target) -> dict[str, Any]:
-    return {"key": t.key, "name": t.name, "measured": t.measured, "target": t.threshold,
-            "comparison": ">" if t.above else "<", "unit": t.unit, "result": t.verdict,
-            "comparisons": t.comparisons, "basis": t.basis}
+    # JSON has no infinity: a ticket ratio over a ticket-free legacy is null, its result FAIL.
+    return {"key": t.key, "name": t.name, "measured": _finite(t.measured),
+            "target": t.threshold, "comparison": ">" if t.above else "<", "unit": t.unit,
+            "result": t.verdict, "comparisons": t.comparisons, "counts": t.counts,
+            "source": t.source, "basis": t.basis}
 
 
 def figures_json(f: Figures) -> dict[str, Any]:
@@ -234,6 +334,7 @@ def figures_json(f: Figures) -> dict[str, Any]:
                              for k, n in f.kind_counts().items()},
         "noisy": f.noisy,
         "targets": [_target_json(t) for t in f.targets],
+        "cost": {"saving": f.cost_saving, "comparisons": f.cost_pairs},
         "legacy": _side_json(f.old),
         "next_gen": _side_json(f.new),
     }
@@ -257,15 +358,33 @@ def _timeline_json(summary: Summary) -> dict[str, Any]:
             "buckets": buckets}
 
 
-def summary_json(summary: Summary) -> dict[str, Any]:
+def status_json(status: StatusFigures) -> dict[str, Any]:
+    budget = status.budget
+    return {
+        "source": status.source, "phase": status.phase, "percentage": status.percentage,
+        "config_version": status.config_version,
+        "budget": None if budget is None else {
+            "tokens_per_hour": budget.tokens_per_hour, "tokens_used": budget.tokens_used,
+            "usd_per_hour": budget.usd_per_hour, "usd_used": budget.usd_used},
+        "users": [{"day": d.day, "legacy": d.legacy, "next_gen": d.next_gen,
+                   "adoption": d.adoption, "complaints": {"legacy": d.complaints_legacy,
+                                                          "next_gen": d.complaints_next_gen}}
+                  for d in status.days],
+    }
+
+
+def summary_json(summary: Summary, status: StatusFigures | None = None) -> dict[str, Any]:
+    overall = figures_json(summary.overall)
+    overall["targets"] = [_target_json(t) for t in all_targets(summary, status)]
     return {
         "trace": list(summary.sources),
+        "status": None if status is None else status_json(status),
         "lines": summary.lines,
         "bad_lines": summary.bad_lines,
         "first_bad_line": summary.first_bad,
         "read_problems": list(summary.read_problems),
-        "passed": not summary.failed,
-        **figures_json(summary.overall),
+        "passed": not failed(summary, status),
+        **overall,
         "prefixes": {p: figures_json(f) for p, f in summary.prefixes},
         "worst": [{"kind": e.kind, "execution_id": e.execution_id, "ts": e.ts, "path": e.path,
                    "legacy_status": e.old_status, "next_gen_status": e.new_status,
@@ -300,6 +419,8 @@ def _overall_changes(old: Figures, new: Figures) -> list[Change]:
     for a, b in zip(old.targets, new.targets, strict=True):
         changes.append(Change(f"target.{a.key}", a.name, "pct" if a.unit == "%" else "x",
                               a.measured, b.measured, f"{a.verdict} → {b.verdict}"))
+    changes.append(Change("cost_saving", "cost saving, new vs old", "pct", old.cost_saving,
+                          new.cost_saving))
     changes.append(Change("match_rate", "match rate", "pct", old.rate(old.matches),
                           new.rate(new.matches)))
     old_kinds, new_kinds = old.kind_counts(), new.kind_counts()

@@ -17,11 +17,19 @@ from html import escape
 from typing import Final
 
 from proxy.report_format import (
+    DAY_HEADER,
+    cost_rows,
+    day_rows,
     format_header,
+    format_measured,
+    format_threshold,
     format_value,
+    path_rows,
     side_figures,
 )
 from proxy.report_stats import KINDS, Distribution, Figures, Summary, Target, Timeline
+from proxy.report_status import ADOPTION, StatusFigures, all_targets
+from proxy.report_trace import epoch
 
 WIDTH: Final = 560
 HEIGHT: Final = 260
@@ -31,6 +39,8 @@ LEGACY: Final = "#4e79a7"
 NEXT_GEN: Final = "#f28e2b"
 MISMATCH: Final = "#e15759"
 ERROR: Final = "#8c4fa0"
+GOAL: Final = "#8a94a6"
+DAY_S: Final = 86400
 
 CSS: Final = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;padding:0 16px;max-width:1180px;
@@ -71,6 +81,7 @@ class Series:
     colour: str
     points: tuple[tuple[float, float], ...]
     fill: bool = False
+    markers: bool = False  # a dot on every point: a series of one point is still seen
 
 
 def _number_label(value: float) -> str:
@@ -133,9 +144,11 @@ def _path(series: Series, x: Scale, y: Scale, width: float, height: float) -> st
               for px, py in series.points]
     d = " ".join(f"{'M' if i == 0 else 'L'}{cx:.1f},{cy:.1f}" for i, (cx, cy) in enumerate(coords))
     title = f"<title>{escape(series.name)}</title>"
+    dots = "".join(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{series.colour}"/>'
+                   for cx, cy in coords) if series.markers else ""
     if not series.fill:
         return (f'<path d="{d}" fill="none" stroke="{series.colour}" stroke-width="2">'
-                f"{title}</path>")
+                f"{title}</path>{dots}")
     base = TOP + height
     area = f"M{coords[0][0]:.1f},{base} {d.replace('M', 'L', 1)} L{coords[-1][0]:.1f},{base} Z"
     return (f'<path d="{area}" fill="{series.colour}" fill-opacity="0.25" '
@@ -205,7 +218,31 @@ def timeline_chart(title: str, timeline: Timeline,
     return chart(title, series, x, y, f"time (UTC), {timeline.width_s // 60} min buckets")
 
 
-def _charts(summary: Summary) -> str:
+def day_scale(first: float, last: float) -> Scale:
+    last = max(last, first + DAY_S)
+    days = round((last - first) / DAY_S)
+    step = max(1, math.ceil(days / 6))
+    ticks = tuple((first + i * DAY_S, datetime.fromtimestamp(first + i * DAY_S, UTC)
+                   .strftime("%m-%d")) for i in range(0, days + 1, step))
+    return Scale(first, last, False, ticks)
+
+
+def adoption_chart(status: StatusFigures) -> str:
+    """next_gen's share of each day's distinct users, oldest day first, with the 80 % goal."""
+    title = "Adoption per day (next_gen's share of users)"
+    points = sorted((at, d.adoption) for d in status.days
+                    if d.adoption is not None and (at := epoch(d.day)) is not None)
+    y = Scale(0.0, 1.0, False, tuple((v / 4, f"{v * 25} %") for v in range(5)))
+    if not points:
+        return chart(title, [], Scale(0, 1, False, ()), y, "day (UTC)")
+    x = day_scale(points[0][0], points[-1][0])
+    goal = ((x.lo, ADOPTION), (x.hi, ADOPTION))
+    series = [Series(f"goal {ADOPTION:.0%}", GOAL, goal),
+              Series("adoption", NEXT_GEN, tuple(points), markers=True)]
+    return chart(title, series, x, y, "day (UTC)")
+
+
+def _charts(summary: Summary, status: StatusFigures | None) -> str:
     overall, timeline = summary.overall, summary.timeline
     charts = [
         distribution_chart("Latency (time_ms)", overall.old.latency, overall.new.latency, "ms"),
@@ -219,18 +256,17 @@ def _charts(summary: Summary) -> str:
             ("error", ERROR, lambda n, old, new, mis, err: err)]),
     ]
     if overall.old.ttft.count or overall.new.ttft.count:
-        charts.append(distribution_chart("Time to first byte", overall.old.ttft,
+        charts.append(distribution_chart("Time to first byte (ttft_ms)", overall.old.ttft,
                                          overall.new.ttft, "ms"))
+    if status is not None:
+        charts.append(adoption_chart(status))
     return '<div class="charts">' + "".join(charts) + "</div>"
 
 
 def _target_card(t: Target) -> str:
-    measured = "no data" if t.measured is None else format_value(
-        "pct" if t.unit == "%" else "x", t.measured)
-    goal = f"{t.threshold * 100:g} %" if t.unit == "%" else f"{t.threshold:g}x"
     return (f'<div class="target {t.verdict.replace(" ", "")}"><small>{escape(t.name)}</small>'
-            f"<b>{escape(measured)}</b>{escape(t.verdict)} · target {'>' if t.above else '<'} "
-            f"{goal} · {t.comparisons:,} comparisons</div>")
+            f"<b>{escape(format_measured(t))}</b>{escape(t.verdict)} · target "
+            f"{escape(format_threshold(t))} · {t.comparisons:,} {escape(t.counts)}</div>")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> str:
@@ -257,24 +293,46 @@ def _prefix_rows(summary: Summary) -> list[list[str]]:
              format_value("pct", f.new.success_rate)] for name, f in groups]
 
 
-def render_html(summary: Summary) -> str:
+def _cost(summary: Summary, status: StatusFigures | None) -> list[str]:
+    rows = [list(row) for row in cost_rows(summary, status)]
+    return ["<h2>Cost</h2>", table(["figure", "value"], rows, numeric_from=2)] if rows else []
+
+
+def _paths(summary: Summary) -> list[str]:
+    parts = []
+    for label, share, rows in path_rows(summary):
+        parts += [f"<h2>{escape(label[0].upper() + label[1:])}</h2>",
+                  table(["path", "comparisons", share], rows) if rows else "<p>none</p>"]
+    return parts
+
+
+def _days(status: StatusFigures | None) -> list[str]:
+    if status is None:
+        return []
+    rows = day_rows(status)
+    return ["<h2>Active users and support tickets per day</h2>",
+            table(DAY_HEADER, rows) if rows else "<p>none in the status</p>"]
+
+
+def render_html(summary: Summary, status: StatusFigures | None = None) -> str:
     prefixes = table(["path prefix", "comparisons", "match", *(f"{k} mismatch" for k in KINDS),
                       "legacy p50 ms", "next_gen p50 ms", "next_gen success"],
                      _prefix_rows(summary))
     worst = table(["kind", "execution id", "ts", "path", "detail"],
                   [[e.kind, e.execution_id, e.ts, e.path, e.detail] for e in summary.worst],
                   numeric_from=5)
-    paths = table(["path", "comparisons"],
-                  [[p, f"{n:,}"] for p, n in summary.diff_paths])
+    cards = "".join(map(_target_card, all_targets(summary, status)))
     sections = [
         "<h1>rollout-proxy report</h1>",
-        f'<pre class="facts">{escape(format_header(summary))}</pre>',
-        '<div class="targets">' + "".join(map(_target_card, summary.overall.targets)) + "</div>",
-        "<h2>Charts</h2>", _charts(summary),
+        f'<pre class="facts">{escape(format_header(summary, status))}</pre>',
+        f'<div class="targets">{cards}</div>',
+        "<h2>Charts</h2>", _charts(summary, status),
         "<h2>Backends</h2>", _sides(summary.overall),
+        *_cost(summary, status),
+        *_days(status),
         "<h2>By path prefix</h2>", prefixes,
         "<h2>Worst mismatches</h2>", worst if summary.worst else "<p>none</p>",
-        "<h2>Paths that differ most</h2>", paths if summary.diff_paths else "<p>none</p>",
+        *_paths(summary),
     ]
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "

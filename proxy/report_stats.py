@@ -31,6 +31,8 @@ MAX_TIME_BUCKETS: Final = 240
 OTHER: Final = "other"
 KINDS: Final = ("status", "success", "shape", "error")
 
+TargetUnit = Literal["%", "x", "score"]  # a share, a ratio, a mean score out of 5
+
 
 @dataclass(frozen=True, slots=True)
 class Distribution:
@@ -117,9 +119,11 @@ class Target:
     measured: float | None
     threshold: float
     above: bool  # the target is measured > threshold (else measured < threshold)
-    unit: Literal["%", "x"]
-    comparisons: int
+    unit: TargetUnit
+    comparisons: int  # how many figures the measure rests on: see `counts`
     basis: str
+    counts: str = "comparisons"  # what `comparisons` counts: feedback scores, users, ...
+    source: Literal["trace", "status"] = "trace"
 
     @property
     def verdict(self) -> Literal["PASS", "FAIL", "no data"]:
@@ -192,6 +196,8 @@ class Figures:
     old: SideFigures
     new: SideFigures
     targets: tuple[Target, ...]
+    cost_saving: float | None = None  # 1 - mean next_gen cost / mean legacy cost, paired
+    cost_pairs: int = 0  # comparisons with a cost on both sides
 
     def kind_counts(self) -> dict[str, int]:
         return {"status": self.status, "success": self.success, "shape": self.shape,
@@ -220,8 +226,8 @@ class PairedSums:
 
 
 class Tally:
-    __slots__ = ("comparisons", "counts", "memory", "new", "old", "time_new", "time_old",
-                 "tokens")
+    __slots__ = ("comparisons", "cost", "counts", "memory", "new", "old", "time_new",
+                 "time_old", "tokens")
 
     def __init__(self) -> None:
         self.comparisons = 0
@@ -231,6 +237,7 @@ class Tally:
         self.new = SideTally()
         self.tokens = PairedSums()
         self.memory = PairedSums()
+        self.cost = PairedSums()
         self.time_old = LogHistogram()
         self.time_new = LogHistogram()
 
@@ -245,6 +252,8 @@ class Tally:
         complete = c.result != "error"
         self.old.add(c.old, complete=True)
         self.new.add(c.new, complete)
+        # Money spent on an answer that never completed is still spent: errors count here.
+        self.cost.add(c.old.cost_usd, c.new.cost_usd)
         if not complete:
             return
         self.tokens.add(c.old.tokens, c.new.tokens)
@@ -259,8 +268,12 @@ class Tally:
         return Figures(
             self.comparisons, counts["match"], counts["mismatch"], counts["error"],
             counts["status"], counts["success"], counts["shape"], counts["noisy"],
-            old, new, self._targets(new),
+            old, new, self._targets(new), self._cost_saving(), self.cost.n,
         )
+
+    def _cost_saving(self) -> float | None:
+        cost = self.cost
+        return 1 - cost.new / cost.old if cost.old > 0 else None
 
     def _targets(self, new: SideFigures) -> tuple[Target, ...]:
         tokens, memory = self.tokens, self.memory

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tracemalloc
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def write(path: Path, entries: list[dict[str, Any] | str], opener: Any = open) -
     return path
 
 
-def summary_of(entries: list[dict[str, Any] | str]) -> Summary:
+def summary_of(entries: Sequence[dict[str, Any] | str]) -> Summary:
     data = [(e if isinstance(e, str) else json.dumps(e) + "\n").encode() for e in entries]
     return summarise(("t.jsonl", n, d) for n, d in enumerate(data, 1))
 
