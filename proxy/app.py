@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.admin import Admin
 from proxy.budget import SpendBudget
+from proxy.capture import Capture
 from proxy.config import Config, load_config
 from proxy.control import Controller
 from proxy.guards import Windows
@@ -146,6 +147,7 @@ class Proxy:
     trace: TraceWriter | None
     handler: ProxyHandler
     runners: list[web.BaseRunner] = field(default_factory=list)
+    worker: int = 0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -167,7 +169,7 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
                          apply_config=lambda new: apply_config(runtime, new))
     env_name = config.admin.token_env
     admin = Admin(runtime, control, token or (lambda: os.environ.get(env_name) or None))
-    return Proxy(runtime, control, admin, trace, ProxyHandler(runtime))
+    return Proxy(runtime, control, admin, trace, ProxyHandler(runtime), worker=worker)
 
 
 def make_store(config: Config, metrics: Metrics) -> Store:
@@ -191,6 +193,8 @@ def apply_config(runtime: Runtime, new: Config) -> None:
     if new.guards.window_s != old.guards.window_s:
         runtime.windows = Windows(new.guards.window_s, runtime.monotonic)
     runtime.breaker.config = new.fallback.circuit
+    if runtime.capture is not None and new.telemetry.capture is not None:
+        runtime.capture.config = new.telemetry.capture
     runtime.budget.ratio = new.fallback.budget_ratio
     if runtime.shadow is not None:
         runtime.shadow.config = new
@@ -235,6 +239,9 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
     if proxy.trace is not None:
         rt.tasks.spawn(proxy.trace.run(), name="trace-writer")
     rt.users = await load_users(config, rt)
+    if config.telemetry.capture is not None and proxy.worker == 0:  # one writer per file
+        rt.capture = Capture(config.telemetry.capture)
+        rt.tasks.spawn(rt.capture.run(), name="capture")
     rt.tasks.spawn(keep_users(rt, users_file(config)), name="active-users")
     rt.tasks.spawn(proxy.control.run(), name="control-loop")
     proxy.control.tick()
@@ -330,6 +337,8 @@ async def stop(proxy: Proxy) -> None:
         await rt.shadow.close(SHADOW_GRACE_S)
     await rt.tasks.wait(0)
     await save_users(rt, users_file(rt.config))
+    if rt.capture is not None:
+        await rt.capture.close()
     if proxy.trace is not None:
         await proxy.trace.close()
     await rt.close()

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from proxy import replay, report
 from proxy.config import Config, ConfigError, load_config
 from proxy.routing import bucket, on_next_gen, unleash_value
 from proxy.state import FileStore, Stored, due_steps, effective
@@ -423,11 +424,8 @@ def parser() -> argparse.ArgumentParser:
             verb.add_argument("--migrated", choices=("yes", "no"))
         if name == "set-percentage":
             verb.add_argument("percentage", type=float)
-    try:
-        from proxy import report
-    except ImportError:  # the report module is optional while it is being built
-        return top
     report.register(verbs)
+    replay.register(verbs)
     return top
 
 

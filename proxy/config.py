@@ -586,7 +586,8 @@ def read_capture(s: Section, base: Path) -> CaptureConfig | None:
         per_pattern=int(c.number("per_pattern", 3, low=0, integer=True) or 0),
         max_body_bytes=int(c.number("max_body_bytes", 65536, low=0, integer=True) or 0),
         redact=frozenset(r.lower() for r in redact),
-        max_patterns=int(c.number("max_patterns", 10_000, low=1, integer=True) or 10_000),
+        # 1,000 patterns x 3 samples x 64 KiB bounds capture near 200 MB at worst.
+        max_patterns=int(c.number("max_patterns", 1_000, low=1, integer=True) or 1_000),
     )
     c.close(["file", "per_pattern", "max_body_bytes", "redact", "max_patterns"])
     return result

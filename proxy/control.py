@@ -162,7 +162,9 @@ class Controller:
                 log.exception("control tick failed")
 
     def tick(self) -> None:
+        self.rt.now = self.rt.clock()
         self.rt.metrics.sessions_pinned.set(len(self.rt.pins))
+        self.rt.metrics.sample_in_flight()
         self.check_reload()
         self.sync_state()
         if self.rt.stored.override is not None and self.rt.stored.override.ramp_s > 0:

@@ -8,7 +8,7 @@ Rules:
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -55,7 +55,7 @@ def request_id(headers: Mapping[str, str]) -> str:
     given = headers.get(REQUEST_ID)
     if given and len(given) <= 200 and given.isascii() and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits, as uuid4 but without its object
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], *, rid: str, peer: str, scheme: str,

@@ -7,6 +7,7 @@ small fixed sets (backends, roles, code classes, reasons, phases).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Final
 
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
@@ -147,6 +148,18 @@ class Metrics:
             self.phase.labels(name).set(1 if name == phase else 0)
         self.percentage.set(percentage)
         self.paused.set(1 if paused else 0)
+
+    def track_in_flight(self, count: Callable[[], float]) -> None:
+        """Read the in-flight count when scraped (one process); workers each set theirs."""
+        if self.multiprocess_dir is None:
+            self.in_flight.set_function(count)
+        else:
+            self.in_flight_source = count
+
+    def sample_in_flight(self) -> None:
+        source = getattr(self, "in_flight_source", None)
+        if source is not None:
+            self.in_flight.set(source())
 
     def exposition(self) -> bytes:
         """The text for /metrics: this process's, or the sum of every worker's (--workers)."""

@@ -123,7 +123,10 @@ def opt_choice(facts: Facts, routing: RoutingConfig) -> bool | None:
 
 
 def under_rollout(path: str, routing: RoutingConfig) -> bool:
-    return any(path.startswith(prefix) for prefix in routing.paths)
+    paths = routing.paths
+    if paths == ("/",):
+        return True
+    return any(path.startswith(prefix) for prefix in paths)
 
 
 def decide(facts: Facts, routing: RoutingConfig, plan: Plan, chance: Callable[[], float],

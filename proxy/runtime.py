@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
+from proxy.capture import Capture
 from proxy.config import Config
 from proxy.fallback import Breaker, RetryBudget, fallback_reason, retrying
 from proxy.guards import Windows
@@ -57,6 +58,8 @@ class Runtime:
         self.clock, self.monotonic, self.sleep = clock, monotonic, sleep
         self.tasks = Tasks()
         self.in_flight = 0
+        metrics.track_in_flight(lambda: self.in_flight)
+        self.now = clock()  # the wall clock, refreshed by the control loop: cheap per request
         self.draining = False
         self.idle = asyncio.Event()  # set when the last request in flight ends while draining
         self.pools: dict[str, Pool] = {}
@@ -72,6 +75,7 @@ class Runtime:
         self.budget = RetryBudget(fb.budget_ratio, fb.budget_window_s, monotonic)
         self.shadow: Any = None  # proxy.shadow.Shadow, set by app
         self.users: Any = None  # proxy.users.ActiveUsers, set by app
+        self.capture: Capture | None = None  # usage patterns, when telemetry.capture is set
         self.on_plan_change: list[Callable[[], None]] = []
         self.refresh()
 

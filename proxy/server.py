@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import random
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -94,12 +93,10 @@ class ProxyHandler:
             return error_response(503, "the proxy is at limits.max_in_flight; retry shortly",
                                   rid, Retry_After="1")
         rt.in_flight += 1
-        rt.metrics.in_flight.inc()
         try:
             return await self.serve(request, config, rid)
         finally:
             rt.in_flight -= 1
-            rt.metrics.in_flight.dec()
             if rt.draining and rt.in_flight == 0:
                 rt.idle.set()
 
@@ -113,6 +110,9 @@ class ProxyHandler:
                                       f"({config.limits.max_body_bytes} bytes)", rid)
             response.force_close()
             return response
+        if self.rt.capture is not None:
+            self.rt.capture.observe(request.method, request.raw_path, request.headers, body,
+                                    request.headers.get("Content-Type", ""))
         json_body = json_fields(request, body) if config.routing.reads_json else None
         facts = Facts(request.method, request.path, request.headers, request.cookies,
                       request.query, json_body)
@@ -141,7 +141,7 @@ class ProxyHandler:
         if answer.role == "primary" and self.rt.users is not None:
             uid = user_id(facts, config.routing)
             if uid is not None:
-                self.rt.users.add(answer.backend, uid, datetime.now(UTC))
+                self.rt.users.add(answer.backend, uid, self.rt.now)
         if session and answer.backend != pinned:
             self.rt.pins.pin(session, answer.backend)
         return await self.relay(request, answer, decision, rid, primary_seen)
