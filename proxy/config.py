@@ -283,7 +283,8 @@ def read_backend(s: Section, name: str) -> BackendConfig:
         name=name, url=(url or "http://127.0.0.1").rstrip("/"),
         timeout_s=s.number("timeout_s", 60, low=0, low_open=True) or 60,
         connect_timeout_s=s.number("connect_timeout_s", 5, low=0, low_open=True) or 5,
-        max_connections=int(s.number("max_connections", 1000, low=1, integer=True) or 1000),
+        max_connections=int(s.number("max_connections", 10_000, low=1, integer=True)
+                            or 10_000),
         headers=header_map(s, "headers"),
     )
     s.close(["url", "timeout_s", "connect_timeout_s", "max_connections", "headers"])

@@ -62,7 +62,10 @@ def make_pool(backend: BackendConfig, *, timeout_s: float | None = None,
     session = aiohttp.ClientSession(
         connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=SKIP_AUTO, read_bufsize=2**16,
-        timeout=aiohttp.ClientTimeout(total=None, connect=backend.connect_timeout_s,
+        # `connect` also covers waiting for a free pooled connection: under a burst that wait
+        # is queueing, not a dead backend, so it gets the backend's whole timeout; only the
+        # TCP connect itself is held to connect_timeout_s.
+        timeout=aiohttp.ClientTimeout(total=None, connect=timeout_s,
                                       sock_connect=backend.connect_timeout_s,
                                       sock_read=timeout_s),
     )
