@@ -15,6 +15,8 @@ Rules:
 
 from __future__ import annotations
 
+import posixpath
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -90,8 +92,11 @@ def mirrorable(method: str, path: str, shadow: ShadowConfig) -> str | None:
     """Why a request must not be mirrored, or None when it may be."""
     if method not in shadow.methods:
         return f"method {method} is not in shadow.methods"
+    # Backends may collapse // and resolve dot segments: judge the path they would see too.
+    resolved = posixpath.normpath(re.sub("/{2,}", "/", path)) + (
+        "/" if path.endswith("/") else "")
     for prefix in shadow.exclude_paths:
-        if path.startswith(prefix):
+        if path.startswith(prefix) or resolved.startswith(prefix):
             return f"path under shadow.exclude_paths {prefix}"
     return None
 
@@ -134,8 +139,9 @@ def decide(facts: Facts, routing: RoutingConfig, plan: Plan, chance: Callable[[]
     """Pick the primary backend; `chance()` draws in [0, 1) for sampling and anonymous users;
     `pinned` is the backend this request's session is pinned to, if any."""
     decision = _decide(facts, routing, plan, chance)
-    if pinned is None or pinned == decision.primary or plan.rolled_back or decision.gone:
-        return decision
+    if (pinned is None or pinned == decision.primary or plan.rolled_back or decision.gone
+            or plan.phase == "sunset" or decision.reason.startswith("opted")):
+        return decision  # a rollback, sunset and the user's own opt header outrank a pin
     if decision.reason == "path outside routing.paths":
         return decision
     if pinned == "next_gen":

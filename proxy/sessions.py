@@ -67,16 +67,13 @@ class RedisPins(Pins):
         self.failures = 0
 
     async def get(self, session: str) -> str | None:
-        local = self.lookup(session)
-        if local is not None:
-            self.tasks.spawn(self._store(session, local), name="pin-slide")
-            return local
-        try:
-            raw = await self.client.getex(self.prefix + session, ex=int(self.ttl_s))
+        try:  # Redis is the truth: another replica may have re-pinned the session
+            raw = await self.client.getex(self.prefix + session, ex=max(1, int(self.ttl_s)))
         except (RedisError, OSError):
             self._failed()
-            return None
+            return self.lookup(session)  # Redis down: what this replica last knew
         if raw is None:
+            self.entries.pop(session, None)
             return None
         backend = raw.decode() if isinstance(raw, bytes) else str(raw)
         super().pin(session, backend)
@@ -88,7 +85,7 @@ class RedisPins(Pins):
 
     async def _store(self, session: str, backend: str) -> None:
         try:
-            await self.client.set(self.prefix + session, backend, ex=int(self.ttl_s))
+            await self.client.set(self.prefix + session, backend, ex=max(1, int(self.ttl_s)))
         except (RedisError, OSError):
             self._failed()
 

@@ -189,6 +189,8 @@ def effective(rollout: RolloutConfig, stored: Stored, applied: int,
     if override is not None:
         phase = override.phase or phase
         percentage = override.percentage if override.percentage is not None else percentage
+        if override.ramp_s > 0 and override.percentage is None:
+            percentage = 0.0  # a landed ramp ends at its target, not back at the YAML's
     return phase, percentage
 
 
