@@ -85,7 +85,9 @@ class Admin:
                 return json_response(400, {"error": "the body must be a JSON object"})
             by = str(body.get("by") or request.remote or "admin")[:100]
             try:
-                message = action(body, by)
+                with self.rt.store.locked():  # change the newest copy, lose nobody's change
+                    self.control.sync_state()
+                    message = action(body, by)
             except Refused as exc:
                 return json_response(exc.status, {"error": str(exc)})
             return json_response(200, {"ok": True, "message": message,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -293,11 +294,23 @@ async def save_users(rt: Runtime, path: Path | None) -> None:
     users = rt.users
     if path is None or not isinstance(users, ActiveUsers):
         return
-    document = json.dumps(users.to_json())
+    snapshot = users.to_json()
     try:
-        await asyncio.to_thread(write_atomically, path, document)
+        await asyncio.to_thread(merge_and_write, snapshot, path,
+                                rt.config.telemetry.active_users_days)
     except OSError as exc:
         log.error(json.dumps({"event": "users_save_failed", "error": str(exc)}))
+
+
+def merge_and_write(snapshot: dict[str, Any], path: Path, days: int) -> None:
+    """Workers share the file: union what is there with ours, under a lock, then replace it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        combined = ActiveUsers.from_json(snapshot, days)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            combined.merge(json.loads(path.read_text()))
+        write_atomically(path, json.dumps(combined.to_json()))
 
 
 async def keep_users(rt: Runtime, path: Path | None) -> None:

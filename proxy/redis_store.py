@@ -52,6 +52,10 @@ class RedisStore:
         self.last, self.dirty = stored, True
         self.wake.set()
 
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        # Replicas change the shared document last-writer-wins; a change is one key's SET.
+        return contextlib.nullcontext()
+
     def poll(self) -> Stored | None:
         pending, self.pending = self.pending, None
         return pending

@@ -11,9 +11,11 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,6 +99,9 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Held around read-change-write, so processes sharing the state lose no change."""
+
 
 class FileStore:
     def __init__(self, path: Path) -> None:
@@ -124,6 +129,17 @@ class FileStore:
 
     async def close(self) -> None:
         return None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """An exclusive flock beside the state file (workers of one machine share it)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def poll(self) -> Stored | None:
         if self._stamp() == self.stamp:

@@ -154,9 +154,10 @@ async def test_a_rollback_and_a_pause_survive_a_restart(
             assert response.status == 200
         assert first.terminate() == 0
         state_dir = tmp_path / "state"
-        # The state file and the active-user sketches beside it; no temp file left behind.
-        assert sorted(p.name for p in state_dir.iterdir()) == ["rollout-state.json",
-                                                               "rollout-state.users.json"]
+        # The state file and the active-user sketches beside it (with their lock files);
+        # no temp file left behind.
+        names = sorted(p.name for p in state_dir.iterdir() if not p.name.endswith(".lock"))
+        assert names == ["rollout-state.json", "rollout-state.users.json"]
 
         second = spawn_serve(tmp_path, data)
         serve_processes.append(second)
