@@ -14,14 +14,16 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.config import Config, UserIdSource
 from proxy.headers import downstream_headers, request_id, upstream_headers
-from proxy.observe import Measurement, measure, tee_for
+from proxy.observe import Measurement, Tee, measure, tee_for
 from proxy.routing import Decision, Facts, user_id
 from proxy.runtime import Answer, Runtime
 from proxy.upstream import UpstreamError, read_error
@@ -73,6 +75,31 @@ def json_fields(request: web.BaseRequest, body: bytes | None) -> dict[str, Any] 
     return document if isinstance(document, dict) else None
 
 
+class Lazy(Mapping[str, str]):
+    """A mapping built on first use: cookies and query are parsed only when a user-id
+    source asks for them, not on every request."""
+
+    __slots__ = ("_made", "_make")
+
+    def __init__(self, make: Callable[[], Mapping[str, str]]) -> None:
+        self._make = make
+        self._made: Mapping[str, str] | None = None
+
+    def _mapping(self) -> Mapping[str, str]:
+        if self._made is None:
+            self._made = self._make()
+        return self._made
+
+    def __getitem__(self, key: str) -> str:
+        return self._mapping()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping())
+
+    def __len__(self) -> int:
+        return len(self._mapping())
+
+
 def session_id(request: web.BaseRequest, source: UserIdSource | None) -> str | None:
     if source is None:
         return None
@@ -114,8 +141,8 @@ class ProxyHandler:
             self.rt.capture.observe(request.method, request.raw_path, request.headers, body,
                                     request.headers.get("Content-Type", ""))
         json_body = json_fields(request, body) if config.routing.reads_json else None
-        facts = Facts(request.method, request.path, request.headers, request.cookies,
-                      request.query, json_body)
+        facts = Facts(request.method, request.path, request.headers,
+                      Lazy(lambda: request.cookies), Lazy(lambda: request.query), json_body)
         session = session_id(request, config.routing.session)
         pinned = await self.rt.pins.get(session) if session else None
         decision = self.rt.decide(facts, config, random.random, pinned)
@@ -162,7 +189,7 @@ class ProxyHandler:
 
     async def relay(self, request: web.BaseRequest, answer: Answer, decision: Decision,
                     rid: str, primary_seen: asyncio.Future[Any] | None) -> web.StreamResponse:
-        upstream, config = answer.response, self.rt.config
+        upstream = answer.response
         headers = downstream_headers(upstream.headers)
         headers["X-Rollout-Backend"] = answer.backend
         headers["X-Request-Id"] = rid
@@ -171,28 +198,47 @@ class ProxyHandler:
         if answer.backend == "legacy" and decision.deprecated:
             headers.extend(self.rt.deprecation_headers())
         length = upstream.content_length
-        small = (length is not None and length <= SMALL_BODY and request.method != "HEAD"
-                 and upstream.status not in NO_BODY_STATUS and "Content-Type" in headers)
-        response: web.StreamResponse
-        if small:  # head and body leave in one write
-            response = web.Response(status=upstream.status, reason=upstream.reason,
-                                    headers=headers)
-        else:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                          headers=headers)
-            if length is not None and upstream.status not in NO_BODY_STATUS:
-                response.content_length = length
-        tee = tee_for(upstream.headers, config.telemetry, primary_seen is not None)
+        if (length is not None and length <= SMALL_BODY and request.method != "HEAD"
+                and upstream.status not in NO_BODY_STATUS and "Content-Type" in headers):
+            return await self.relay_small(answer, headers, rid, primary_seen)
+        return await self.relay_stream(request, answer, headers, rid, primary_seen)
+
+    async def relay_small(self, answer: Answer, headers: CIMultiDict[str], rid: str,
+                          primary_seen: asyncio.Future[Any] | None) -> web.StreamResponse:
+        """A small answer of known length: read it whole, then head and body leave in one
+        write (aiohttp sends an unprepared Response that way)."""
+        upstream = answer.response
+        tee = tee_for(upstream.headers, self.rt.config.telemetry, primary_seen is not None)
+        error, body = None, b""
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = read_error(exc, answer.backend)
+        finally:
+            upstream.close() if error else upstream.release()
+        tee.feed(body)
+        self.observed(answer, tee, self.rt.monotonic(), error, primary_seen)
+        if error is not None:  # nothing reached the client yet: a proper error, not a cut
+            log.warning(json.dumps({"event": "answer_failed", "request_id": rid,
+                                    "backend": answer.backend, "error": str(error)}))
+            return error_response(error.status, str(error), rid,
+                                  X_Rollout_Backend=answer.backend)
+        return web.Response(status=upstream.status, reason=upstream.reason, headers=headers,
+                            body=body)
+
+    async def relay_stream(self, request: web.BaseRequest, answer: Answer,
+                           headers: CIMultiDict[str], rid: str,
+                           primary_seen: asyncio.Future[Any] | None) -> web.StreamResponse:
+        """Stream the answer as it arrives (events reach the client one by one)."""
+        upstream = answer.response
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=headers)
+        if upstream.content_length is not None and upstream.status not in NO_BODY_STATUS:
+            response.content_length = upstream.content_length
+        tee = tee_for(upstream.headers, self.rt.config.telemetry, primary_seen is not None)
         first_byte, error = None, None
         try:
-            if isinstance(response, web.Response):
-                body = await upstream.read()
-                first_byte = self.rt.monotonic()
-                tee.feed(body)
-                response.body = body
-                await response.prepare(request)
-            else:
-                await response.prepare(request)
+            await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 if first_byte is None:
                     first_byte = self.rt.monotonic()
@@ -203,30 +249,30 @@ class ProxyHandler:
         except ConnectionResetError:
             error = UpstreamError("client_gone", "the client went away")
         finally:
-            if error is None:
-                upstream.release()
-            else:
-                upstream.close()
-        ended = self.rt.monotonic()
-        seen = measure(None if error else upstream.status, upstream.headers, tee.json(),
-                       started=answer.started, first_byte=first_byte, ended=ended,
-                       size=tee.size, telemetry=config.telemetry,
-                       error=error.kind if error else None, backend=answer.backend)
-        self.rt.record(answer, seen)
-        if primary_seen is not None and not primary_seen.done():
-            primary_seen.set_result((seen, tee.json()))
+            upstream.close() if error else upstream.release()
+        self.observed(answer, tee, first_byte, error, primary_seen)
         if error is not None:
             log.warning(json.dumps({"event": "answer_cut", "request_id": rid,
                                     "backend": answer.backend, "error": str(error)}))
-            if not response.prepared and error.kind != "client_gone":
-                # Nothing reached the client yet: it gets a proper error, not a cut.
-                return error_response(error.status, str(error), rid,
-                                      X_Rollout_Backend=answer.backend)
             if request.transport is not None:
-                request.transport.abort()
+                request.transport.abort()  # the client sees the answer end unfinished
             return response
         await response.write_eof()
         return response
+
+    def observed(self, answer: Answer, tee: Tee, first_byte: float | None,
+                 error: UpstreamError | None,
+                 primary_seen: asyncio.Future[Any] | None) -> None:
+        """Measure the answer once; feed metrics, windows and a waiting comparison."""
+        upstream = answer.response
+        document = tee.json()
+        seen = measure(None if error else upstream.status, upstream.headers, document,
+                       started=answer.started, first_byte=first_byte, ended=self.rt.monotonic(),
+                       size=tee.size, telemetry=self.rt.config.telemetry,
+                       error=error.kind if error else None, backend=answer.backend)
+        self.rt.record(answer, seen)
+        if primary_seen is not None and not primary_seen.done():
+            primary_seen.set_result((seen, document))
 
     async def websocket(self, request: web.BaseRequest, decision: Decision,
                         rid: str) -> web.StreamResponse:
