@@ -237,16 +237,22 @@ class ProxyHandler:
             response.content_length = upstream.content_length
         tee = tee_for(upstream.headers, self.rt.config.telemetry, primary_seen is not None)
         first_byte, error = None, None
+        chunks = upstream.content.iter_any()
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            while True:
+                try:  # a failure reading is the backend's; a failure writing is the client's
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    error = read_error(exc, answer.backend)
+                    break
                 if first_byte is None:
                     first_byte = self.rt.monotonic()
                 tee.feed(chunk)
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            error = read_error(exc, answer.backend)
-        except ConnectionResetError:
+        except ConnectionError:  # includes aiohttp's ClientConnectionResetError
             error = UpstreamError("client_gone", "the client went away")
         finally:
             upstream.close() if error else upstream.release()
@@ -263,8 +269,14 @@ class ProxyHandler:
     def observed(self, answer: Answer, tee: Tee, first_byte: float | None,
                  error: UpstreamError | None,
                  primary_seen: asyncio.Future[Any] | None) -> None:
-        """Measure the answer once; feed metrics, windows and a waiting comparison."""
+        """Measure the answer once; feed metrics, windows and a waiting comparison.
+        A client that went away says nothing about the backend: nothing is recorded."""
         upstream = answer.response
+        if error is not None and error.kind == "client_gone":
+            self.rt.metrics.rejected.labels("client_gone").inc()
+            if primary_seen is not None and not primary_seen.done():
+                primary_seen.set_result(None)  # the mirror drops its comparison
+            return
         document = tee.json()
         seen = measure(None if error else upstream.status, upstream.headers, document,
                        started=answer.started, first_byte=first_byte, ended=self.rt.monotonic(),

@@ -98,7 +98,11 @@ class Shadow:
             self.record("next_gen", seen)
             self.budget.spend(seen.tokens, seen.cost_usd)
             async with asyncio.timeout(config.backends["legacy"].timeout_s + 5):
-                old, old_document = await primary
+                primary_result = await primary
+            if primary_result is None:  # the client left mid-answer: nothing to compare
+                self.metrics.shadow_dropped.labels("client_gone").inc()
+                return
+            old, old_document = primary_result
             if baseline and answers[1][0].status is not None and old.status is not None:
                 self.metrics.measured("legacy", "shadow", answers[1][0])
                 self.noise.learn(old_document, answers[1][1], ignore)
