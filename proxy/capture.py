@@ -24,13 +24,10 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +37,7 @@ from urllib.parse import parse_qsl, urlencode
 from proxy.compare import kind
 from proxy.config import CaptureConfig
 from proxy.headers import HOP_BY_HOP, connection_named
+from proxy.state import write_atomically
 
 log = logging.getLogger("rollout_proxy")
 
@@ -292,23 +290,6 @@ def lines(snapshot: list[tuple[Key, int, tuple[bytes, ...]]]) -> Iterable[bytes]
     for (method, path, shape), count, samples in sorted(snapshot, key=lambda e: -e[1]):
         head = serialize({"method": method, "path": path, "shape": shape, "count": count})
         yield head[:-1] + b',"samples":[' + b",".join(samples) + b"]}\n"
-
-
-def write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write, fsync, rename: a reader sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def read_patterns(path: Path, config: CaptureConfig) -> list[tuple[Key, int, list[bytes]]]:

@@ -15,7 +15,7 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -154,13 +154,16 @@ class FileStore:
         self.stamp = self._stamp()
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write, fsync, rename: a reader sees the old file or the new one, never half."""
+def write_atomically(path: Path, data: str | Iterable[bytes]) -> None:
+    """Write, fsync, rename: a reader sees the old file or the new one, never half.
+    `data` is the text, or its bytes in chunks (written as they come)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    chunks = [data.encode()] if isinstance(data, str) else data
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
