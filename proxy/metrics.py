@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.config import BACKENDS, PHASES
+from proxy.hotmetrics import HotFamilies
 from proxy.observe import Measurement
 
 ROLES = ("primary", "shadow", "fallback")
@@ -38,16 +39,24 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.multiprocess_dir = multiprocess_dir
         r = self.registry
-        self.requests = Counter("rollout_requests", "Answers by backend, role and status class",
-                                ["backend", "role", "code_class"], registry=r)
-        self.duration = Histogram("rollout_request_duration_seconds",
-                                  "Time to an answer's last byte", ["backend", "role"],
+        # The request path's four families: lock-free counters in one process, or
+        # prometheus_client's file-backed values shared by --workers.
+        self.hot: HotFamilies | None = None
+        if multiprocess_dir is None:
+            self.hot = HotFamilies(BACKENDS, ROLES, CODE_CLASSES, LATENCY_BUCKETS)
+            r.register(self.hot)
+        else:
+            self.requests = Counter("rollout_requests",
+                                    "Answers by backend, role and status class",
+                                    ["backend", "role", "code_class"], registry=r)
+            self.duration = Histogram("rollout_request_duration_seconds",
+                                      "Time to an answer's last byte", ["backend", "role"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
+            self.tokens = Counter("rollout_tokens", "Tokens the backends reported",
+                                  ["backend", "role"], registry=r)
+            self.ttfb = Histogram("rollout_time_to_first_byte_seconds",
+                                  "Time to an answer's first body byte", ["backend", "role"],
                                   buckets=LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("rollout_tokens", "Tokens the backends reported",
-                              ["backend", "role"], registry=r)
-        self.ttfb = Histogram("rollout_time_to_first_byte_seconds",
-                              "Time to an answer's first body byte", ["backend", "role"],
-                              buckets=LATENCY_BUCKETS, registry=r)
         self.cost = Counter("rollout_cost_usd", "What the backends' reported tokens cost, USD",
                             ["backend", "role"], registry=r)
         self.memory = Histogram("rollout_memory_bytes", "Memory the backends reported",
@@ -113,6 +122,8 @@ class Metrics:
         for backend in BACKENDS:
             self.circuit.labels(backend).set(0)
             for role in ROLES:
+                if self.hot is not None:
+                    continue
                 self._durations[(backend, role)] = self.duration.labels(backend, role)
                 self._tokens[(backend, role)] = self.tokens.labels(backend, role)
                 self._ttfb[(backend, role)] = self.ttfb.labels(backend, role)
@@ -128,10 +139,17 @@ class Metrics:
 
     def answered(self, backend: str, role: str, status: int | None, seconds: float,
                  tokens: float | None, memory_mb: float | None) -> None:
-        self._children[(backend, role, code_class(status))].inc()
-        self._durations[(backend, role)].observe(seconds)
-        if tokens:
-            self._tokens[(backend, role)].inc(tokens)
+        hot = self.hot
+        if hot is not None:
+            hot.requests[(backend, role, code_class(status))] += 1
+            hot.duration[(backend, role)].observe(seconds)
+            if tokens:
+                hot.tokens[(backend, role)] += tokens
+        else:
+            self._children[(backend, role, code_class(status))].inc()
+            self._durations[(backend, role)].observe(seconds)
+            if tokens:
+                self._tokens[(backend, role)].inc(tokens)
         if memory_mb is not None:
             self.memory.labels(backend, role).observe(memory_mb * MB)
 
@@ -139,9 +157,19 @@ class Metrics:
         self.answered(backend, role, seen.status, seen.time_ms / 1000, seen.tokens,
                       seen.memory_mb)
         if seen.ttft_ms is not None:
-            self._ttfb[(backend, role)].observe(seen.ttft_ms / 1000)
+            if self.hot is not None:
+                self.hot.ttfb[(backend, role)].observe(seen.ttft_ms / 1000)
+            else:
+                self._ttfb[(backend, role)].observe(seen.ttft_ms / 1000)
         if seen.cost_usd:
             self.cost.labels(backend, role).inc(seen.cost_usd)
+
+    def errored(self, backend: str, role: str) -> None:
+        """A backend gave no answer at all (refused, reset, timed out before its head)."""
+        if self.hot is not None:
+            self.hot.requests[(backend, role, "error")] += 1
+        else:
+            self._children[(backend, role, "error")].inc()
 
     def show_plan(self, phase: str, percentage: float, paused: bool) -> None:
         for name in PHASES:

@@ -206,7 +206,7 @@ class Runtime:
     def failed(self, backend: str, role: str, exc: UpstreamError) -> None:
         if backend == "next_gen":
             self.breaker.record(False)
-        self.metrics.requests.labels(backend, role, "error").inc()
+        self.metrics.errored(backend, role)
         self.windows.add(backend, Measurement(None, 0.0, None, 0, None, False, None, exc.kind))
         log.warning(json.dumps({"event": "upstream_error", "backend": backend, "role": role,
                                 "kind": exc.kind, "detail": exc.detail}))
