@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -101,7 +102,7 @@ class Admin:
         percentage = number_field(body, "percentage", required=False)
         over = body.get("over_s")
         if over is not None and (isinstance(over, bool) or not isinstance(over, int | float)
-                                 or over < 0):
+                                 or not math.isfinite(over) or over < 0):
             raise Refused(400, f"over_s: must be a number of seconds >= 0, got {over!r}")
         self.control.rollback(reason.strip()[:500], by, percentage,
                               over_s=None if over is None else float(over))

@@ -208,7 +208,8 @@ def apply_config(runtime: Runtime, new: Config) -> None:
                                     name="pool-retire")
         runtime.shadow.budget.tokens_cap = new.shadow.tokens_per_hour
         runtime.shadow.budget.usd_cap = new.shadow.usd_per_hour
-    runtime.applied = due_steps(new.rollout.schedule, runtime.stored, runtime.clock())
+    due = due_steps(new.rollout.schedule, runtime.stored, runtime.clock())
+    runtime.applied = min(runtime.applied, due)  # the control loop applies the rest if allowed
     runtime.refresh()
 
 
@@ -292,6 +293,9 @@ async def load_users(config: Config, rt: Runtime) -> Any:
 
 async def save_users(rt: Runtime, path: Path | None) -> None:
     users = rt.users
+    if isinstance(users, RedisActiveUsers):
+        await users.flush()  # ids buffered since the last second
+        return
     if path is None or not isinstance(users, ActiveUsers):
         return
     snapshot = users.to_json()

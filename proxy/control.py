@@ -57,7 +57,12 @@ class Controller:
                  trigger: str = "manual", over_s: float | None = None) -> None:
         """Roll back now, or step the percentage down over `over_s` (manual ones only:
         a guard's rollback is always immediate). A second rollback cancels a ramp."""
-        phase = "legacy" if percentage is None else "progressive"
+        plan = self.rt.plan
+        current = 100.0 if plan.phase in ("default", "sunset") else (
+            plan.percentage if plan.phase == "progressive" else 0.0)
+        if percentage is not None:  # a rollback never puts more users on next_gen
+            percentage = min(percentage, current)
+        phase = "legacy" if not percentage else "progressive"
         if over_s is None:
             over_s = self.rt.config.rollout.rollback_over_s if trigger == "manual" else 0.0
         plan = self.rt.plan
@@ -113,7 +118,9 @@ class Controller:
         return f"promoted to phase {following}"
 
     def pause(self, by: str) -> None:
-        self.rt.save(replace(self.rt.stored, paused=True, paused_at=self.rt.stamp()))
+        stored = self.rt.stored  # a second pause keeps the first one's moment
+        since = stored.paused_at if stored.paused and stored.paused_at else self.rt.stamp()
+        self.rt.save(replace(stored, paused=True, paused_at=since))
         self.change("pause", by)
 
     def resume(self, by: str) -> None:
@@ -205,6 +212,8 @@ class Controller:
         if not fresh:
             return
         guards = self.rt.config.guards
+        if guards.action == "rollback" and self.rt.plan.phase == "legacy":
+            return  # nothing to roll back now: stay armed for when the rollout resumes
         self.rt.save(replace(self.rt.stored,
                              tripped=(*self.rt.stored.tripped, *(v.guard for v in fresh))))
         first = fresh[0]
@@ -281,6 +290,7 @@ class Controller:
         if config.version == self.rt.config.version:
             return True
         self.apply_config(config)
+        self.advance_schedule()  # due steps apply at once, if guards, pause and rollback allow
         self.rt.metrics.reloads.labels("success").inc()
         log.info(json.dumps({"event": "config_reloaded", "version": config.version}))
         return True

@@ -15,13 +15,15 @@ MAX_LINE = 1 << 20  # a longer line is not an event we measure; it is skipped
 
 
 class EventStream:
-    __slots__ = ("_buffer", "_data", "_skipping", "events", "last_json", "paths", "wanted")
+    __slots__ = ("_buffer", "_data", "_size", "_skipping", "events", "last_json", "paths",
+                 "wanted")
 
     def __init__(self, wanted: tuple[tuple[str, ...], ...]) -> None:
         self.wanted = wanted  # JSON paths whose last value we keep
         self.paths: dict[tuple[str, ...], Any] = {}
         self._buffer = b""
         self._data: list[bytes] = []
+        self._size = 0  # bytes in _data; an event past MAX_LINE is not one we measure
         self._skipping = False
         self.events = 0
         self.last_json: Any = None
@@ -53,15 +55,20 @@ class EventStream:
 
     def _line(self, line: bytes) -> None:
         if not line:
-            if self._data:
+            if self._data and self._size <= MAX_LINE:
                 self._dispatch(b"\n".join(self._data))
-                self._data = []
+            self._data, self._size = [], 0
             return
         if line.startswith(b":"):
             return
         field, _, value = line.partition(b":")
         if field == b"data":
-            self._data.append(value[1:] if value.startswith(b" ") else value)
+            value = value[1:] if value.startswith(b" ") else value
+            self._size += len(value) + 1
+            if self._size <= MAX_LINE:
+                self._data.append(value)
+            else:
+                self._data = [b""]  # an event is open; keep none of it
 
     def _dispatch(self, data: bytes) -> None:
         self.events += 1

@@ -114,7 +114,11 @@ class Breaker:
             self.probes_left, self.probe_successes = self.config.probes, 0
         if self.state == "half_open":
             if self.probes_left <= 0:
-                return False
+                # Probes that never reported back must not hold the breaker half-open forever.
+                if self.monotonic() - self.opened_at < 2 * self.config.cooldown_s:
+                    return False
+                self.opened_at = self.monotonic() - self.config.cooldown_s
+                self.probes_left, self.probe_successes = self.config.probes, 0
             self.probes_left -= 1
         return True
 

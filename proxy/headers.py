@@ -24,6 +24,8 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
 REQUEST_DROP = HOP_BY_HOP | frozenset(h.lower() for h in (
     "Content-Length", "Expect", "Host", "X-Forwarded-For", "X-Forwarded-Proto",
     "X-Forwarded-Host", "Forwarded",
+    # Markers only the proxy may set: a client must not pass a real request off as a copy.
+    "X-Rollout-Shadow", "X-Rollout-Replay",
 ))
 RESPONSE_DROP = HOP_BY_HOP | frozenset({"content-length"})
 REQUEST_ID = istr("X-Request-Id")

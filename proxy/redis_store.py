@@ -106,12 +106,13 @@ class RedisStore:
             self.last = self.pending = fresh
 
     async def write(self) -> None:
-        document = json.dumps(self.last.to_json())
+        sent = self.last
+        document = json.dumps(sent.to_json())
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.key, document)
             pipe.publish(self.channel, document)
             await pipe.execute()
-        self.dirty = False
+        self.dirty = self.last is not sent  # a save made during the await still has to go out
         self.mark(True)
 
     async def writer(self) -> None:

@@ -142,7 +142,8 @@ def decide(facts: Facts, routing: RoutingConfig, plan: Plan, chance: Callable[[]
     `pinned` is the backend this request's session is pinned to, if any."""
     decision = _decide(facts, routing, plan, chance)
     if (pinned is None or pinned == decision.primary or plan.rolled_back or decision.gone
-            or plan.phase == "sunset" or decision.reason.startswith("opted")):
+            or plan.phase in ("legacy", "shadow", "sunset")
+            or decision.reason.startswith("opted")):
         return decision  # a rollback, sunset and the user's own opt header outrank a pin
     if decision.reason == "path outside routing.paths":
         return decision

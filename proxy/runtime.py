@@ -144,7 +144,11 @@ class Runtime:
         if (primary == "next_gen" and decision.fallback and self.config.fallback.enabled
                 and not self.breaker.allow()):
             self.metrics.fallbacks.labels("circuit_open").inc()
-            answer = await self.send("legacy", "fallback", method, path_qs, headers, body)
+            try:
+                answer = await self.send("legacy", "fallback", method, path_qs, headers, body)
+            except UpstreamError as exc:
+                self.failed("legacy", "fallback", exc)
+                raise
             answer.fallback_reason = "circuit_open"
             return answer
         self.budget.request()

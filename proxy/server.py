@@ -100,6 +100,18 @@ class Lazy(Mapping[str, str]):
         return len(self._mapping())
 
 
+def upstream_target(request: web.BaseRequest) -> str | None:
+    """The path and query sent upstream: origin-form as received, absolute-form reduced to
+    its path (RFC 9112 3.2.2); CONNECT and '*' are refused, so a client never picks the
+    host the proxy connects to."""
+    raw = request.raw_path
+    if request.method == "CONNECT" or raw == "*":
+        return None
+    if raw.startswith("/"):
+        return raw
+    return request.rel_url.raw_path_qs or "/"
+
+
 def session_id(request: web.BaseRequest, source: UserIdSource | None) -> str | None:
     if source is None:
         return None
@@ -129,6 +141,9 @@ class ProxyHandler:
 
     async def serve(self, request: web.BaseRequest, config: Config,
                     rid: str) -> web.StreamResponse:
+        path_qs = upstream_target(request)
+        if path_qs is None:
+            return error_response(400, "the request target must be a path", rid)
         try:
             body = await read_body(request, config.limits.max_body_bytes)
         except BodyTooLarge:
@@ -154,7 +169,6 @@ class ProxyHandler:
         out = upstream_headers(request.headers, rid=rid, peer=peer, scheme=request.scheme,
                                host=request.headers.get("Host"),
                                trusted_hops=config.limits.trusted_hops)
-        path_qs = request.raw_path
         primary_seen = self.rt.mirror(request.method, path_qs, out, body, rid) \
             if decision.mirror else None
         try:
@@ -290,7 +304,7 @@ class ProxyHandler:
                         rid: str) -> web.StreamResponse:
         """Pass a WebSocket through to the primary backend, frames both ways."""
         pool = self.rt.pools[decision.primary]
-        url = pool.backend.url.replace("http", "ws", 1) + request.raw_path
+        url = pool.backend.url.replace("http", "ws", 1) + (upstream_target(request) or "/")
         headers = upstream_headers(request.headers, rid=rid, peer=request.remote or "",
                                    scheme=request.scheme, host=request.headers.get("Host"),
                                    trusted_hops=self.rt.config.limits.trusted_hops,
@@ -324,5 +338,7 @@ async def pump(source: Any, sink: Any) -> None:
         else:
             if message.type == aiohttp.WSMsgType.CLOSE:
                 code, reason = message.data, (message.extra or "").encode()
+            elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                code, reason = aiohttp.WSCloseCode.INTERNAL_ERROR, b"peer closed abnormally"
             break
     await sink.close(code=code, message=reason)

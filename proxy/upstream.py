@@ -25,6 +25,7 @@ class UpstreamError(Exception):
     """A backend gave no usable answer. `kind` names why; `status` is what the client gets."""
 
     STATUS: ClassVar[dict[str, int]] = {"connect_error": 502, "timeout": 504, "reset": 502,
+                                        "bad_request": 400,
                                         "bad_response": 502, "truncated": 502}
 
     def __init__(self, kind: str, detail: str) -> None:
@@ -75,6 +76,8 @@ def make_pool(backend: BackendConfig, *, timeout_s: float | None = None,
 async def send(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
                body: bytes | None) -> aiohttp.ClientResponse:
     """Send a request and wait for the answer's head, within the backend's timeout."""
+    if not path_qs.startswith("/"):  # never let a target name another host
+        raise UpstreamError("bad_request", f"refused request target {path_qs[:50]!r}")
     url = URL(pool.backend.url + path_qs, encoded=True)
     try:
         # The session's sock_read bounds the wait for the answer's head (first byte).
@@ -97,7 +100,7 @@ async def send(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
     except aiohttp.ClientResponseError as exc:
         raise UpstreamError("bad_response", f"{pool.backend.name} sent an invalid answer: "
                             f"{exc.message}") from exc
-    except (aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
         raise UpstreamError("reset", f"{pool.backend.name}: {exc}") from exc
 
 
