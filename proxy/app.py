@@ -31,7 +31,7 @@ from proxy.capture import Capture
 from proxy.config import Config, load_config
 from proxy.control import Controller
 from proxy.guards import Windows
-from proxy.metrics import Metrics
+from proxy.metrics import CIRCUIT_STATES, Metrics
 from proxy.runtime import Runtime
 from proxy.server import ProxyHandler
 from proxy.sessions import RedisPins
@@ -165,7 +165,7 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
                             keep=config.telemetry.trace_keep, metrics=metrics,
                             rotate=worker == 0)
     runtime.breaker.on_change = lambda state: metrics.circuit.labels("next_gen").set(
-        {"closed": 0, "open": 1, "half_open": 2}[state])
+        CIRCUIT_STATES[state])
     control = Controller(runtime, path=config.source,
                          apply_config=lambda new: apply_config(runtime, new))
     env_name = config.admin.token_env

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,40 @@ async def backends() -> AsyncIterator[dict[str, Backend]]:
     for backend in made.values():
         assert backend.runner is not None
         await backend.runner.cleanup()
+
+
+START = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+class WallClock:
+    """The injected `clock`: a timezone-aware datetime the test moves by hand."""
+
+    def __init__(self, start: datetime = START) -> None:
+        self.start = self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, hours: float) -> None:
+        self.now += timedelta(hours=hours)
+
+    def at(self, seconds: float) -> None:
+        self.now = self.start + timedelta(seconds=seconds)
+
+
+class Monotonic:
+    """The injected `monotonic` clock: seconds the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 10_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def parked(seconds: float) -> None:
+    """The injected `sleep`: the control loop never wakes on its own; tests call tick()."""
+    await asyncio.Event().wait()
 
 
 def free_port() -> int:

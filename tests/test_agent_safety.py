@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,14 @@ from tests.conftest import (
     EXE,
     TOKEN,
     Backend,
+    Monotonic,
     Process,
     Running,
     Seen,
+    WallClock,
     config_dict,
     deep_merge,
+    parked,
     running,
     spawn_serve,
     wait_ready,
@@ -49,32 +52,13 @@ NEEDS_REDIS = pytest.mark.skipif(shutil.which("redis-server") is None,
                                  reason="redis-server is not installed (make test installs it)")
 
 
-class WallClock:
-    """The injected `clock`: a timezone-aware datetime the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def at(self, seconds: float) -> None:
-        self.now = T0 + timedelta(seconds=seconds)
 
 
-class Monotonic:
-    """The injected `monotonic` clock: seconds the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
-async def parked(seconds: float) -> None:
-    """The injected `sleep`: the control loop never wakes on its own; tests call tick()."""
-    await asyncio.Event().wait()
+
+
+
 
 
 def urls(backends: dict[str, Backend]) -> tuple[str, str]:
@@ -350,7 +334,7 @@ async def test_a_cookie_can_be_the_session_source(
 
 async def test_a_gradual_rollback_overrides_pins_too(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
-    clock = WallClock()
+    clock = WallClock(T0)
     data = pinning(backends, 80)
     outside = user_with(lambda b: 4000 <= b < 8000)  # in the 80 % cohort, not the 40 % one
     async with running(tmp_path, data, clock=clock, sleep=parked) as proxy, \
@@ -505,7 +489,7 @@ USERS = [f"user-{n}" for n in range(2000)]
 
 async def test_a_gradual_rollback_follows_its_schedule_within_five_percent(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
-    clock = WallClock()
+    clock = WallClock(T0)
     async with running(tmp_path, ramped(backends), clock=clock, sleep=parked) as proxy, \
             many_client() as http:
         code, answer = await call(http, proxy.admin, "rollback",
@@ -535,7 +519,7 @@ async def test_a_gradual_rollback_follows_its_schedule_within_five_percent(
 
 async def test_a_landed_ramp_shows_its_target_percentage(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
-    clock = WallClock()
+    clock = WallClock(T0)
     async with running(tmp_path, ramped(backends), clock=clock, sleep=parked) as proxy, \
             aiohttp.ClientSession() as http:
         await call(http, proxy.admin, "rollback", {"reason": "p95 up", "over_s": 60})
@@ -547,7 +531,7 @@ async def test_a_landed_ramp_shows_its_target_percentage(
 
 async def test_a_second_rollback_or_a_reset_cancels_the_ramp(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
-    clock = WallClock()
+    clock = WallClock(T0)
     async with running(tmp_path, ramped(backends), clock=clock, sleep=parked) as proxy, \
             many_client() as http:
         await call(http, proxy.admin, "rollback", {"reason": "slow", "over_s": 60})
@@ -573,7 +557,7 @@ async def test_a_second_rollback_or_a_reset_cancels_the_ramp(
 
 async def test_rollout_rollback_over_s_applies_to_a_manual_rollback_without_over_s(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
-    clock = WallClock()
+    clock = WallClock(T0)
     data = ramped(backends, rollback_over_s=60)
     async with running(tmp_path, data, clock=clock, sleep=parked) as proxy, \
             aiohttp.ClientSession() as http:
@@ -591,7 +575,7 @@ async def test_rollout_rollback_over_s_applies_to_a_manual_rollback_without_over
 
 async def test_a_guard_triggered_rollback_is_immediate_even_with_rollback_over_s(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
-    clock = WallClock()
+    clock = WallClock(T0)
     data = deep_merge(ramped(backends, rollback_over_s=600),
                       {"guards": {"complaints_per_hour": 0}})
     cohort_user = user_with(lambda b: b < 8000)
@@ -611,7 +595,7 @@ async def test_a_guard_triggered_rollback_is_immediate_even_with_rollback_over_s
 
 async def test_cli_rollback_over_sends_over_s(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
-    clock = WallClock()
+    clock = WallClock(T0)
     async with running(tmp_path, ramped(backends), clock=clock, sleep=parked) as proxy, \
             aiohttp.ClientSession() as http:
         proc = await asyncio.create_subprocess_exec(

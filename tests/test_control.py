@@ -17,9 +17,12 @@ from proxy.routing import bucket
 from tests.conftest import (
     TOKEN,
     Backend,
+    Monotonic,
     Running,
+    WallClock,
     config_dict,
     deep_merge,
+    parked,
     running,
     spawn_serve,
     wait_ready,
@@ -34,30 +37,13 @@ def at(hours: float) -> str:
     return (T0 + timedelta(hours=hours)).isoformat().replace("+00:00", "Z")
 
 
-class WallClock:
-    """The injected `clock`: a datetime the test moves by hand."""
-
-    def __init__(self, now: datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, hours: float) -> None:
-        self.now += timedelta(hours=hours)
 
 
-class Monotonic:
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
-async def parked(seconds: float) -> None:
-    """The injected `sleep`: the control loop never wakes; the test calls tick() itself."""
-    await asyncio.Event().wait()
+
+
+
 
 
 class Stepper:

@@ -15,7 +15,17 @@ from proxy.metrics import Metrics
 from proxy.observe import Measurement
 from proxy.redis_store import RedisStore
 from proxy.state import Override, Stored
-from tests.conftest import TOKEN, Backend, config_dict, deep_merge, running, write_config
+from tests.conftest import (
+    TOKEN,
+    Backend,
+    Monotonic,
+    WallClock,
+    config_dict,
+    deep_merge,
+    parked,
+    running,
+    write_config,
+)
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -24,27 +34,13 @@ def at(hours: float) -> str:
     return (T0 + timedelta(hours=hours)).isoformat().replace("+00:00", "Z")
 
 
-class WallClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, hours: float) -> None:
-        self.now += timedelta(hours=hours)
 
 
-class Monotonic:
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
-async def parked(seconds: float) -> None:
-    await asyncio.Event().wait()
+
+
+
 
 
 def error(status: int | None = 500) -> Measurement:
