@@ -75,22 +75,22 @@ def json_fields(request: web.BaseRequest, body: bytes | None) -> dict[str, Any] 
     return document if isinstance(document, dict) else None
 
 
-class Lazy(Mapping[str, str]):
-    """A mapping built on first use: cookies and query are parsed only when a user-id
-    source asks for them, not on every request."""
+class Lazy(Mapping[str, Any]):
+    """A mapping built on first use: cookies, query and the JSON body are parsed only when
+    a user-id source asks for them, not on every request."""
 
     __slots__ = ("_made", "_make")
 
-    def __init__(self, make: Callable[[], Mapping[str, str]]) -> None:
+    def __init__(self, make: Callable[[], Mapping[str, Any]]) -> None:
         self._make = make
-        self._made: Mapping[str, str] | None = None
+        self._made: Mapping[str, Any] | None = None
 
-    def _mapping(self) -> Mapping[str, str]:
+    def _mapping(self) -> Mapping[str, Any]:
         if self._made is None:
             self._made = self._make()
         return self._made
 
-    def __getitem__(self, key: str) -> str:
+    def __getitem__(self, key: str) -> Any:
         return self._mapping()[key]
 
     def __iter__(self) -> Iterator[str]:
@@ -155,7 +155,9 @@ class ProxyHandler:
         if self.rt.capture is not None:
             self.rt.capture.observe(request.method, request.raw_path, request.headers, body,
                                     request.headers.get("Content-Type", ""))
-        json_body = json_fields(request, body) if config.routing.reads_json else None
+        # Parsed only if routing reaches the {json: FIELD} source (earlier sources may answer).
+        json_body = Lazy(lambda: json_fields(request, body) or {}) \
+            if config.routing.reads_json else None
         facts = Facts(request.method, request.path, request.headers,
                       Lazy(lambda: request.cookies), Lazy(lambda: request.query), json_body)
         session = session_id(request, config.routing.session)

@@ -870,3 +870,29 @@ async def test_websocket_close_code_reaches_the_client(
             message = await ws.receive()
     assert message.type == aiohttp.WSMsgType.CLOSE
     assert (message.data, message.extra) == (4001, "quota exhausted")
+
+
+async def test_user_from_the_json_body_routes_when_no_earlier_source_has_one(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    sources = [{"header": "X-User-Id"}, {"json": "user_id"}]
+    data = config_dict(backends["legacy"].url, backends["next_gen"].url,
+                       rollout={"phase": "progressive", "percentage": 50, "salt": "test"},
+                       routing={"user_id": sources}, shadow={"sample": 0.0})
+    users = [f"user-{n}" for n in range(40)]
+    want = {u: "next_gen" if mmh3.hash(f"test:{u}", signed=False) % 10000 < 5000 else "legacy"
+            for u in users}
+    async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http:
+        for user in users:
+            async with http.post(f"{proxy.url}/v1/tasks", json={"user_id": user}) as answer:
+                assert answer.headers["X-Rollout-Backend"] == want[user]
+        # The header comes first in routing.user_id: it wins over the body.
+        legacy_user = next(u for u in users if want[u] == "legacy")
+        next_gen_user = next(u for u in users if want[u] == "next_gen")
+        async with http.post(f"{proxy.url}/v1/tasks", json={"user_id": next_gen_user},
+                             headers={"X-User-Id": legacy_user}) as answer:
+            assert answer.headers["X-Rollout-Backend"] == "legacy"
+        # A body that is not JSON is no user id, and no error.
+        async with http.post(f"{proxy.url}/v1/tasks", data=b"{not json",
+                             headers={"Content-Type": "application/json"}) as answer:
+            assert answer.status == 200
+            assert answer.headers["X-Rollout-Backend"] == "legacy"
