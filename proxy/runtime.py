@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-import aiohttp
 from multidict import CIMultiDict
 
+from proxy import h1
 from proxy.capture import Capture
 from proxy.config import Config
 from proxy.fallback import Breaker, RetryBudget, fallback_reason, retrying
@@ -45,7 +45,7 @@ def utc_now() -> datetime:
 class Answer:
     backend: str
     role: str  # primary | fallback
-    response: aiohttp.ClientResponse
+    response: h1.Response
     started: float
     fallback_reason: str | None = None
 

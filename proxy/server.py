@@ -22,6 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import Config, UserIdSource
+from proxy.h1 import WireError
 from proxy.headers import downstream_headers, request_id, upstream_headers
 from proxy.observe import Measurement, Tee, measure, tee_for
 from proxy.routing import Decision, Facts, user_id
@@ -228,7 +229,7 @@ class ProxyHandler:
         error, body = None, b""
         try:
             body = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except WireError as exc:
             error = read_error(exc, answer.backend)
         finally:
             upstream.close() if error else upstream.release()
@@ -253,16 +254,15 @@ class ProxyHandler:
             response.content_length = upstream.content_length
         tee = tee_for(upstream.headers, self.rt.config.telemetry, primary_seen is not None)
         first_byte, error = None, None
-        chunks = upstream.content.iter_any()
         try:
             await response.prepare(request)
             while True:
                 try:  # a failure reading is the backend's; a failure writing is the client's
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                    chunk = await upstream.next_chunk()
+                except WireError as exc:
                     error = read_error(exc, answer.backend)
+                    break
+                if not chunk:
                     break
                 if first_byte is None:
                     first_byte = self.rt.monotonic()
@@ -316,7 +316,7 @@ class ProxyHandler:
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                    if p.strip()]
         try:
-            upstream = await pool.session.ws_connect(url, headers=headers, protocols=offered)
+            upstream = await pool.websockets().ws_connect(url, headers=headers, protocols=offered)
         except aiohttp.ClientError as exc:
             return error_response(502, f"websocket to {decision.primary} failed: {exc}", rid,
                                   X_Rollout_Backend=decision.primary)

@@ -22,12 +22,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 from multidict import CIMultiDict
 
 from proxy.budget import SpendBudget
 from proxy.compare import Noise, compare
 from proxy.config import Config
+from proxy.h1 import WireError
 from proxy.metrics import Metrics
 from proxy.observe import Measurement, measure, tee_for
 from proxy.tasks import Tasks
@@ -141,10 +141,10 @@ class Shadow:
         tee = tee_for(response.headers, telemetry, True)
         first_byte, error = None, None
         try:
-            async for chunk in response.content.iter_any():
+            while chunk := await response.next_chunk():
                 first_byte = first_byte or time.monotonic()
                 tee.feed(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except WireError as exc:
             error = read_error(exc, backend)
         finally:
             response.close() if error else response.release()

@@ -1,14 +1,13 @@
 """Backend connection pools and the upstream half of forwarding.
 
 Rules (PITFALLS.md): no decompression (bytes pass unchanged), no cookie jar (the pool is
-shared by every user), no auto headers, no redirects followed; aiohttp's exceptions become
+shared by every user), no auto headers, no redirects followed; the client's errors become
 UpstreamError at this boundary, with the status the client should get.
 """
 
 from __future__ import annotations
 
-import asyncio
-import io
+import ssl
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,6 +15,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy import h1
 from proxy.config import BackendConfig
 
 SKIP_AUTO = frozenset({"Accept-Encoding", "User-Agent", "Content-Type"})
@@ -44,68 +44,65 @@ class UpstreamError(Exception):
 
 @dataclass(slots=True)
 class Pool:
-    """One backend's connection pool for one purpose (primary traffic or mirrors)."""
+    """One backend's connections for one purpose (primary traffic or mirrors). HTTP goes
+    through the lean client (proxy.h1); a WebSocket through aiohttp's, made on first use."""
 
     backend: BackendConfig
-    session: aiohttp.ClientSession
+    client: h1.Pool
     timeout_s: float
+    prefix: str = ""  # the backend URL's own path, put before every request's
+    session: aiohttp.ClientSession | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.client.closed
+
+    def websockets(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=SKIP_AUTO,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.backend.connect_timeout_s, sock_read=None))
+        return self.session
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.client.close()
+        if self.session is not None:
+            await self.session.close()
 
 
 def make_pool(backend: BackendConfig, *, timeout_s: float | None = None,
               limit: int | None = None) -> Pool:
     timeout_s = timeout_s or backend.timeout_s
-    connector = aiohttp.TCPConnector(limit=limit or backend.max_connections, limit_per_host=0,
-                                     keepalive_timeout=30, enable_cleanup_closed=False,
-                                     ttl_dns_cache=60)
-    session = aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=SKIP_AUTO, read_bufsize=2**16,
-        # `connect` also covers waiting for a free pooled connection: under a burst that wait
-        # is queueing, not a dead backend, so it gets the backend's whole timeout; only the
-        # TCP connect itself is held to connect_timeout_s.
-        timeout=aiohttp.ClientTimeout(total=None, connect=timeout_s,
-                                      sock_connect=backend.connect_timeout_s,
-                                      sock_read=timeout_s),
-    )
-    return Pool(backend, session, timeout_s)
+    url = URL(backend.url)
+    tls = ssl.create_default_context() if url.scheme == "https" else None
+    client = h1.Pool(url.host or "127.0.0.1", url.port or (443 if tls else 80), tls=tls,
+                     limit=limit or backend.max_connections,
+                     connect_timeout_s=backend.connect_timeout_s, timeout_s=timeout_s)
+    return Pool(backend, client, timeout_s, url.raw_path.rstrip("/"))
 
 
 async def send(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
-               body: bytes | None) -> aiohttp.ClientResponse:
+               body: bytes | None) -> h1.Response:
     """Send a request and wait for the answer's head, within the backend's timeout."""
     if not path_qs.startswith("/"):  # never let a target name another host
         raise UpstreamError("bad_request", f"refused request target {path_qs[:50]!r}")
-    url = URL(pool.backend.url + path_qs, encoded=True)
     try:
-        # The session's sock_read bounds the wait for the answer's head (first byte).
-        # A fresh BytesIO per send: aiohttp streams it (bytes over 1 MiB warn of a blocked
-        # loop), and a fallback replays the same bytes.
-        data = io.BytesIO(body) if body is not None and len(body) > 2**20 else body
-        return await pool.session.request(method, url, headers=headers, data=data,
-                                          allow_redirects=False, compress=None)
-    except aiohttp.ConnectionTimeoutError as exc:  # nothing reached the backend
-        raise UpstreamError("connect_error", f"cannot connect to {pool.backend.name} within "
-                            f"{pool.backend.connect_timeout_s:g} s") from exc
-    except TimeoutError as exc:
-        raise UpstreamError("timeout", f"no answer from {pool.backend.name} "
-                            f"within {pool.timeout_s:g} s") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamError("connect_error", f"cannot connect to {pool.backend.name}: "
-                            f"{exc.os_error.strerror or exc}") from exc
-    except aiohttp.ServerDisconnectedError as exc:
-        raise UpstreamError("reset", f"{pool.backend.name} closed the connection") from exc
-    except aiohttp.ClientResponseError as exc:
-        raise UpstreamError("bad_response", f"{pool.backend.name} sent an invalid answer: "
-                            f"{exc.message}") from exc
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-        raise UpstreamError("reset", f"{pool.backend.name}: {exc}") from exc
+        return await pool.client.request(method, pool.prefix + path_qs, headers, body)
+    except h1.WireError as exc:
+        raise upstream_error(exc, pool.backend.name) from exc
+
+
+def upstream_error(exc: h1.WireError, backend: str) -> UpstreamError:
+    if exc.kind == "timeout":
+        return UpstreamError("timeout", f"no answer from {backend}: {exc.detail}")
+    return UpstreamError(exc.kind, f"{backend}: {exc.detail}")
 
 
 def read_error(exc: BaseException, backend: str) -> UpstreamError:
     """An error while the body streams: the answer is incomplete."""
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError) or (isinstance(exc, h1.WireError) and exc.kind == "timeout"):
         return UpstreamError("timeout", f"{backend} stalled mid-answer")
-    return UpstreamError("truncated", f"{backend} ended the answer early: {exc}")
+    detail = exc.detail if isinstance(exc, h1.WireError) else str(exc)
+    return UpstreamError("truncated", f"{backend} ended the answer early: {detail}")

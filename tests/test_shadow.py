@@ -388,7 +388,7 @@ async def test_stop_closes_pools_a_reload_retired(tmp_path: Path,
         write_config(tmp_path, shadow_config(backends))
         assert proxy.proxy.control.reload()
     try:
-        assert retired.session.closed
+        assert retired.closed
     finally:
         await retired.close()
 

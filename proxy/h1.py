@@ -1,0 +1,450 @@
+"""A lean HTTP/1.1 client for the backends: a keep-alive pool and an llhttp parser.
+
+Why not aiohttp's ClientSession: per request it builds a URL, a ClientRequest, a
+ClientResponse, a StreamReader, timers and trace hooks. Profiled under `make bench` that was
+the largest share of the proxy's time. Here a request is one write of bytes built from the
+headers. The answer is parsed by httptools (llhttp, as in Node.js and uvicorn) straight into
+the Response the handler reads.
+
+Rules:
+1. Bytes pass unchanged: no decompression, no cookies, no redirects, no headers of our own
+   but Host and the framing (PITFALLS.md).
+2. A connection goes back to the pool only when its answer was read whole and the backend
+   keeps it alive. Anything else closes it: a timeout, a parse error, an unread body, HEAD.
+3. At most HIGH_WATER bytes of an answer wait for the reader; past that the socket is not
+   read (the backend feels the back-pressure).
+4. A reused connection that the backend closed before any byte of the answer is retried
+   once on a new one, for idempotent methods only: the backend's idle timeout raced our
+   reuse and nothing ran.
+5. Every wait is bounded: connecting by connect_timeout_s, a free connection, the answer's
+   head and each piece of its body by timeout_s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from typing import Any, cast
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HIGH_WATER = 256 * 1024
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # an empty body still says Content-Length: 0
+Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+
+
+class WireError(Exception):
+    """kind: connect_error (nothing was sent), timeout, reset, bad_response, truncated."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+def _expire(waiter: asyncio.Future[Any], error: WireError) -> None:
+    if not waiter.done():
+        waiter.set_exception(error)
+
+
+class Response:
+    """An answer whose head has arrived; its body is read with read() or next_chunk()."""
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_paused", "_waiter", "content_length",
+                 "done", "error", "headers", "keep_alive", "reason", "status", "timeout_s")
+
+    def __init__(self, conn: Connection, status: int, reason: str | None,
+                 headers: CIMultiDictProxy[str], timeout_s: float) -> None:
+        self._conn: Connection | None = conn
+        self.status, self.reason, self.headers = status, reason, headers
+        length = headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.timeout_s = timeout_s
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.keep_alive = False
+        self.error: WireError | None = None
+
+    # Fed by the connection -----------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and not self._paused and self._conn is not None:
+            self._paused = True
+            self._conn.pause_reading()
+        self._wake()
+
+    def finish(self, keep_alive: bool) -> None:
+        self.done, self.keep_alive = True, keep_alive
+        self._wake()
+
+    def fail(self, error: WireError) -> None:
+        if not self.done and self.error is None:
+            self.error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # Read by the handler -------------------------------------------------------------------
+
+    async def next_chunk(self) -> bytes:
+        """What has arrived of the body (b"" at its end); WireError if it cannot finish."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(
+                    self._drain())
+                self._buffered -= len(chunk) if self._chunks else self._buffered
+                if self._paused and self._buffered < HIGH_WATER // 4 and self._conn:
+                    self._paused = False
+                    self._conn.resume_reading()
+                return chunk
+            if self.done:
+                return b""
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+
+    def _drain(self) -> list[bytes]:
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        return chunks
+
+    async def read(self) -> bytes:
+        if self.done and self.error is None:
+            self._buffered = 0
+            return b"".join(self._drain())
+        parts = []
+        while chunk := await self.next_chunk():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _wait(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        timer = waiter.get_loop().call_later(
+            self.timeout_s, _expire, waiter,
+            WireError("timeout", f"no part of the answer within {self.timeout_s:g} s"))
+        try:
+            await waiter
+        except WireError as exc:
+            self.error = exc
+            raise
+        finally:
+            timer.cancel()
+
+    def release(self) -> None:
+        """Done with the answer: its connection is reused if the answer ended cleanly."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self.done and self.keep_alive and self.error is None:
+            conn.pool.put(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection to a backend, answering one request at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self.expecting = False  # a request was sent and its answer has not ended
+        self.got_bytes = False
+        self.head_only = False
+        self.informational = False
+        self.until_close = False
+        self.waiter: asyncio.Future[Response] | None = None
+        self.response: Response | None = None
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+
+    # asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if not self.expecting:  # nobody asked: a backend talking out of turn is not reused
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.failed(WireError("bad_response", "the backend switched protocols unasked"))
+        except httptools.HttpParserError as exc:
+            self.failed(WireError("bad_response" if self.response is None else "truncated",
+                                  f"unparseable answer: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        response = self.response
+        if response is not None and not response.done:
+            if self.until_close and exc is None:
+                response.finish(keep_alive=False)
+            else:
+                response.fail(WireError("truncated", "the backend closed the connection "
+                                        "before the answer ended"))
+        elif self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(WireError("reset", "the backend closed the connection"))
+
+    # httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.raw_headers, self.reason = [], b""
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.informational = 100 <= status < 200
+        if self.informational:  # 103 Early Hints and the like: the answer is still to come
+            return
+        headers = CIMultiDictProxy(CIMultiDict(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in self.raw_headers))
+        reason = self.reason.decode("ascii") if self.reason.isascii() else None
+        response = Response(self, status, reason, headers, self.pool.timeout_s)
+        self.response = response
+        framed = "Content-Length" in headers or "Transfer-Encoding" in headers
+        self.until_close = not framed and status not in (204, 304) and not self.head_only
+        if self.head_only:  # llhttp cannot be told a HEAD answer has no body: do not reuse
+            self.expecting = False
+            response.finish(keep_alive=False)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None and not self.response.done:
+            self.response.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational or self.response is None or self.response.done:
+            return
+        self.expecting = False
+        self.response.finish(keep_alive=self.parser.should_keep_alive())
+
+    # Used by the pool and the response -----------------------------------------------------
+
+    async def send(self, head: bytes, body: bytes | None, head_only: bool) -> Response:
+        assert self.transport is not None
+        self.expecting, self.got_bytes, self.head_only = True, False, head_only
+        self.response = None
+        waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self.waiter = waiter
+        if body and len(body) <= 65536:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            if body:
+                self.transport.write(body)
+        timeout_s = self.pool.timeout_s
+        timer = waiter.get_loop().call_later(
+            timeout_s, _expire, waiter,
+            WireError("timeout", f"no answer within {timeout_s:g} s"))
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    def failed(self, error: WireError) -> None:
+        if self.response is not None:
+            self.response.fail(error)
+        elif self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(error)
+        self.close()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+            self.pool.forget(self)
+
+
+class Pool:
+    """Keep-alive connections to one backend, at most `limit` open at once (0: no limit)."""
+
+    def __init__(self, host: str, port: int, *, limit: int, connect_timeout_s: float,
+                 timeout_s: float, keepalive_s: float = 30.0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.host, self.port, self.tls = host, port, tls
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal
+        self.host_header = name if port == (443 if tls else 80) else f"{name}:{port}"
+        self.limit, self.connect_timeout_s, self.timeout_s = limit, connect_timeout_s, timeout_s
+        self.keepalive_s = keepalive_s
+        self.idle: list[Connection] = []
+        self.open: set[Connection] = set()
+        self.connecting = 0
+        self.waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self.closed = False
+
+    async def request(self, method: str, target: str, headers: Headers,
+                      body: bytes | None) -> Response:
+        head = self.head(method, target, headers, body)
+        head_only = method == "HEAD"
+        for attempt in (1, 2):
+            conn = await self.acquire()
+            try:
+                return await conn.send(head, body, head_only)
+            except WireError as exc:
+                conn.close()
+                if not (attempt == 1 and conn.reused and exc.kind == "reset"
+                        and not conn.got_bytes and method in IDEMPOTENT):
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+        raise AssertionError("not reached")
+
+    def head(self, method: str, target: str, headers: Headers, body: bytes | None) -> bytes:
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        if body is not None or method in BODY_METHODS:
+            lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
+        lines.append("\r\n")
+        text = "".join(lines)
+        breaks = len(lines) + 1  # the first entry holds two lines, every other one
+        if text.count("\n") != breaks or text.count("\r") != breaks:
+            raise WireError("bad_request", "a header holds a line break")
+        return text.encode("utf-8", "surrogateescape")
+
+    async def acquire(self) -> Connection:
+        now = time.monotonic()
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self.keepalive_s:
+                conn.reused = True
+                return conn
+            conn.close()
+        if self.closed:
+            raise WireError("connect_error", "the pool is closed")
+        if self.limit and len(self.open) + self.connecting >= self.limit:
+            given = await self.wait_turn()
+            if given is not None:
+                return given
+        return await self.connect()
+
+    async def wait_turn(self) -> Connection | None:
+        """Wait for a connection handed back (or a free slot: None) within timeout_s."""
+        waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await waiter
+        except TimeoutError:
+            raise WireError("connect_error", f"no free connection within {self.timeout_s:g} s "
+                            f"(backend max_connections is {self.limit})") from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()
+                if handed is not None:
+                    self.put(handed)
+                else:
+                    self.wake()
+            raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    async def connect(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        self.connecting += 1
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: Connection(self), self.host, self.port, ssl=self.tls,
+                    server_hostname=self.host if self.tls else None)
+        except TimeoutError:
+            raise WireError("connect_error",
+                            f"cannot connect within {self.connect_timeout_s:g} s") from None
+        except OSError as exc:
+            raise WireError("connect_error", f"cannot connect: {exc.strerror or exc}") from exc
+        finally:
+            self.connecting -= 1
+        if self.closed:
+            conn.close()
+            raise WireError("connect_error", "the pool is closed")
+        self.open.add(conn)
+        return conn
+
+    def put(self, conn: Connection) -> None:
+        """A connection whose answer ended cleanly: to a waiting request, else idle."""
+        if conn.closed or self.closed:
+            conn.close()
+            return
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                conn.reused = True
+                waiter.set_result(conn)
+                return
+        now = time.monotonic()
+        conn.idle_since = now
+        self.idle.append(conn)
+        oldest = self.idle[0]
+        if now - oldest.idle_since >= self.keepalive_s:
+            oldest.close()
+
+    def forget(self, conn: Connection) -> None:
+        """A connection closed: its slot is free for a waiting request."""
+        if conn in self.open:
+            self.open.discard(conn)
+            if conn in self.idle:
+                self.idle.remove(conn)
+            self.wake()
+
+    def wake(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        self.closed = True
+        for conn in list(self.open):
+            conn.close()
+        self.idle.clear()
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(WireError("connect_error", "the pool is closed"))
