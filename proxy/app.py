@@ -238,6 +238,7 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
     budget = SpendBudget(config.shadow.tokens_per_hour, config.shadow.usd_per_hour,
                          rt.monotonic)
     rt.shadow = Shadow(config, shadow_pools, rt.metrics, proxy.trace, rt.windows_add, budget)
+    rt.metrics.track_in_flight(lambda: rt.shadow.in_flight, rt.metrics.shadow_in_flight)
     if proxy.trace is not None:
         rt.tasks.spawn(proxy.trace.run(), name="trace-writer")
     rt.users = await load_users(config, rt)

@@ -96,7 +96,7 @@ class Windows:
             bucket.seen_times += 1
             if len(bucket.times) < RESERVOIR:
                 bucket.times.append(seen.time_ms)
-            elif (slot := self.rng.randrange(bucket.seen_times)) < RESERVOIR:
+            elif (slot := int(self.rng.random() * bucket.seen_times)) < RESERVOIR:
                 bucket.times[slot] = seen.time_ms
         if seen.tokens is not None:
             bucket.tokens += seen.tokens

@@ -43,12 +43,15 @@ def connection_named(headers: Mapping[str, str]) -> frozenset[str]:
 
 def copy_end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str],
                     drop: frozenset[str]) -> CIMultiDict[str]:
-    named = connection_named(headers) if "Connection" in headers else frozenset()
-    result: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered not in drop and lowered not in named:
-            result.add(name, value)
+    # Copied whole in C, then the few names to drop removed: cheaper than a Python loop
+    # over every header, and the order of the rest is kept.
+    result = CIMultiDict(headers)
+    for name in drop:
+        if name in result:
+            del result[name]
+    if "Connection" in headers:
+        for name in connection_named(headers):
+            result.popall(name, None)
     return result
 
 

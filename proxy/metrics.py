@@ -111,6 +111,10 @@ class Metrics:
         self.state_store_up.set(1)
         self.trace_lines = Counter("rollout_trace_lines", "Comparison trace lines", ["result"],
                                    registry=r)
+        self._sources: list[tuple[Gauge, Callable[[], float]]] = []
+        self._compared = {result: self.comparisons.labels(result)
+                          for result in ("match", "mismatch", "error")}
+        self.trace_written = self.trace_lines.labels("written")
         self._children: dict[tuple[str, str, str], Counter] = {}
         self._durations: dict[tuple[str, str], Histogram] = {}
         self._tokens: dict[tuple[str, str], Counter] = {}
@@ -130,8 +134,6 @@ class Metrics:
                 for klass in CODE_CLASSES:
                     self._children[(backend, role, klass)] = self.requests.labels(
                         backend, role, klass)
-        for result in ("match", "mismatch", "error"):
-            self.comparisons.labels(result)
         for reason in ("overload", "shutdown", "budget"):
             self.shadow_dropped.labels(reason)
         for phase in PHASES:
@@ -177,17 +179,22 @@ class Metrics:
         self.percentage.set(percentage)
         self.paused.set(1 if paused else 0)
 
-    def track_in_flight(self, count: Callable[[], float]) -> None:
-        """Read the in-flight count when scraped (one process); workers each set theirs."""
+    def track_in_flight(self, count: Callable[[], float], gauge: Gauge | None = None) -> None:
+        """Read an in-flight count when scraped (one process), not on every request; with
+        --workers each worker sets its own on the control loop's tick."""
+        gauge = self.in_flight if gauge is None else gauge
         if self.multiprocess_dir is None:
-            self.in_flight.set_function(count)
+            gauge.set_function(count)
         else:
-            self.in_flight_source = count
+            self._sources.append((gauge, count))
 
     def sample_in_flight(self) -> None:
-        source = getattr(self, "in_flight_source", None)
-        if source is not None:
-            self.in_flight.set(source())
+        for gauge, count in self._sources:
+            gauge.set(count())
+
+    def compared(self, result: str) -> None:
+        """One shadow comparison and its trace line (children bound once, not per call)."""
+        self._compared[result].inc()
 
     def exposition(self) -> bytes:
         """The text for /metrics: this process's, or the sum of every worker's (--workers)."""

@@ -75,7 +75,9 @@ class Tee:
         if not self.wanted or self.overflow or not self.chunks:
             return None
         try:
-            return json.loads(b"".join(self.chunks))
+            # Decoded here: json.loads(bytes) first sniffs for UTF-16/32, which JSON on the
+            # wire is not (RFC 8259 8.1); a body that is not UTF-8 is no figure either.
+            return json.loads(b"".join(self.chunks).decode())
         except (ValueError, RecursionError):  # deep nesting is not a figure we can read
             return None
 

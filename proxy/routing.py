@@ -94,9 +94,11 @@ def mirrorable(method: str, path: str, shadow: ShadowConfig) -> str | None:
     """Why a request must not be mirrored, or None when it may be."""
     if method not in shadow.methods:
         return f"method {method} is not in shadow.methods"
+    if not shadow.exclude_paths:
+        return None
     # Backends may collapse // and resolve dot segments: judge the path they would see too.
-    resolved = posixpath.normpath(re.sub("/{2,}", "/", path)) + (
-        "/" if path.endswith("/") else "")
+    resolved = path if "//" not in path and "/." not in path else posixpath.normpath(
+        re.sub("/{2,}", "/", path)) + ("/" if path.endswith("/") else "")
     for prefix in shadow.exclude_paths:
         if path.startswith(prefix) or resolved.startswith(prefix):
             return f"path under shadow.exclude_paths {prefix}"

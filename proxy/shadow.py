@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from multidict import CIMultiDict
@@ -31,7 +30,7 @@ from proxy.h1 import WireError
 from proxy.metrics import Metrics
 from proxy.observe import Measurement, measure, tee_for
 from proxy.tasks import Tasks
-from proxy.trace import TraceWriter
+from proxy.trace import TraceWriter, utc_stamp
 from proxy.upstream import Pool, UpstreamError, read_error, send
 
 SHADOW_HEADER = ("X-Rollout-Shadow", "1")
@@ -69,7 +68,6 @@ class Shadow:
         primary: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         slots = 2 if baseline else 1
         self.in_flight += slots
-        self.metrics.shadow_in_flight.inc(slots)
         self.tasks.spawn(self.run(method, path_qs, headers, body, rid, primary, baseline),
                          name="mirror")
         return primary
@@ -89,16 +87,18 @@ class Shadow:
         config = self.config
         ignore = frozenset(config.shadow.ignore)
         try:
-            sends = [self.send("next_gen", method, path_qs, headers, body)]
+            answers: Sequence[tuple[Measurement, Any]]
             if baseline:
-                sends.append(self.send("legacy", method, path_qs, headers, body))
-            answers = await asyncio.gather(*sends)
+                answers = await asyncio.gather(
+                    self.send("next_gen", method, path_qs, headers, body),
+                    self.send("legacy", method, path_qs, headers, body))
+            else:  # no gather: it would wrap the one send in a task of its own
+                answers = [await self.send("next_gen", method, path_qs, headers, body)]
             seen, document = answers[0]
             self.metrics.measured("next_gen", "shadow", seen)
             self.record("next_gen", seen)
             self.budget.spend(seen.tokens, seen.cost_usd)
-            async with asyncio.timeout(config.backends["legacy"].timeout_s + 5):
-                primary_result = await primary
+            primary_result = await self.primary(primary, config.backends["legacy"].timeout_s + 5)
             if primary_result is None:  # the client left mid-answer: nothing to compare
                 self.metrics.shadow_dropped.labels("client_gone").inc()
                 return
@@ -108,12 +108,11 @@ class Shadow:
                 self.noise.learn(old_document, answers[1][1], ignore)
             comparison = compare(old, old_document, seen, document, ignore,
                                  self.noise if config.shadow.baseline_sample > 0 else None)
-            self.metrics.comparisons.labels(comparison.result).inc()
+            self.metrics.compared(comparison.result)
             if self.trace is not None:
                 self.trace.write({
                     "execution_id": rid,
-                    "ts": datetime.now(UTC).isoformat(timespec="milliseconds")
-                    .replace("+00:00", "Z"),
+                    "ts": utc_stamp(time.time()),
                     "method": method, "path": path_qs.split("?", 1)[0],
                     "old_system": old.trace_fields(), "new_system": seen.trace_fields(),
                     "match": comparison.trace_fields(),
@@ -126,7 +125,17 @@ class Shadow:
         finally:
             slots = 2 if baseline else 1
             self.in_flight -= slots
-            self.metrics.shadow_in_flight.dec(slots)
+
+    @staticmethod
+    async def primary(primary: asyncio.Future[Any], within_s: float) -> Any:
+        """The primary's measurement, once its answer ended; TimeoutError past `within_s`."""
+        if not primary.done():
+            timer = primary.get_loop().call_later(within_s, _give_up, primary)
+            try:
+                await primary
+            finally:
+                timer.cancel()
+        return primary.result()
 
     async def send(self, backend: str, method: str, path_qs: str, headers: CIMultiDict[str],
                    body: bytes | None) -> tuple[Measurement, Any]:
@@ -160,3 +169,8 @@ class Shadow:
         await self.tasks.wait(grace_s)
         for pool in self.pools.values():
             await pool.close()
+
+
+def _give_up(primary: asyncio.Future[Any]) -> None:
+    if not primary.done():
+        primary.set_exception(TimeoutError())
