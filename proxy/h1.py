@@ -316,9 +316,11 @@ class Pool:
         self.waiters: deque[asyncio.Future[Connection | None]] = deque()
         self.closed = False
 
-    async def request(self, method: str, target: str, headers: Headers,
-                      body: bytes | None) -> Response:
-        head = self.head(method, target, headers, body)
+    async def request(self, method: str, target: str, headers: Headers, body: bytes | None,
+                      extra: tuple[tuple[str, str], ...] = ()) -> Response:
+        """Send, and wait for the answer's head. `extra` headers go after `headers` (the
+        caller makes sure no name is in both)."""
+        head = self.head(method, target, headers, body, extra)
         head_only = method == "HEAD"
         for attempt in (1, 2):
             conn = await self.acquire()
@@ -334,9 +336,11 @@ class Pool:
                 raise
         raise AssertionError("not reached")
 
-    def head(self, method: str, target: str, headers: Headers, body: bytes | None) -> bytes:
+    def head(self, method: str, target: str, headers: Headers, body: bytes | None,
+             extra: tuple[tuple[str, str], ...] = ()) -> bytes:
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
         lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        lines.extend(f"{name}: {value}\r\n" for name, value in extra)
         if body is not None or method in BODY_METHODS:
             lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
         lines.append("\r\n")

@@ -48,12 +48,18 @@ class Shadow:
         self.in_flight = 0
         self.closing = False
 
-    def copy_headers(self, headers: CIMultiDict[str], backend: str) -> CIMultiDict[str]:
+    def copy_headers(self, headers: CIMultiDict[str],
+                     backend: str) -> tuple[CIMultiDict[str], tuple[tuple[str, str], ...]]:
+        """The mirror's headers, and those to add after them. The client cannot send
+        X-Rollout-Shadow (it is dropped on the way in), so without configured headers that
+        replace the client's, the client's go as they are, with no copy."""
+        configured = (*self.config.backends[backend].headers, *self.config.shadow.headers)
+        if not configured:
+            return headers, (SHADOW_HEADER,)
         copy = CIMultiDict(headers)
-        for name, value in (*self.config.backends[backend].headers, *self.config.shadow.headers,
-                            SHADOW_HEADER):
+        for name, value in (*configured, SHADOW_HEADER):
             copy[name] = value
-        return copy
+        return copy, ()
 
     def mirror(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None,
                rid: str) -> asyncio.Future[Any] | None:
@@ -142,8 +148,8 @@ class Shadow:
         telemetry = self.config.telemetry
         started = time.monotonic()
         try:
-            response = await send(self.pools[backend], method, path_qs,
-                                  self.copy_headers(headers, backend), body)
+            sent, extra = self.copy_headers(headers, backend)
+            response = await send(self.pools[backend], method, path_qs, sent, body, extra)
         except UpstreamError as exc:
             return Measurement(None, (time.monotonic() - started) * 1000, None, 0, None, False,
                                None, exc.kind), None

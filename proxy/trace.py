@@ -20,6 +20,7 @@ from proxy.metrics import Metrics
 
 log = logging.getLogger("rollout_proxy")
 MAX_BUFFERED = 100_000
+ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per line
 
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
@@ -50,7 +51,7 @@ class TraceWriter:
         if len(self.buffer) >= MAX_BUFFERED:
             self.metrics.trace_lines.labels("dropped").inc()
             return
-        self.buffer.append(json.dumps(record, separators=(",", ":")) + "\n")
+        self.buffer.append(ENCODER.encode(record) + "\n")
         self.metrics.trace_written.inc()
         if len(self.buffer) >= 1000:
             self.wake.set()

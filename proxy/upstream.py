@@ -84,12 +84,12 @@ def make_pool(backend: BackendConfig, *, timeout_s: float | None = None,
 
 
 async def send(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
-               body: bytes | None) -> h1.Response:
+               body: bytes | None, extra: tuple[tuple[str, str], ...] = ()) -> h1.Response:
     """Send a request and wait for the answer's head, within the backend's timeout."""
     if not path_qs.startswith("/"):  # never let a target name another host
         raise UpstreamError("bad_request", f"refused request target {path_qs[:50]!r}")
     try:
-        return await pool.client.request(method, pool.prefix + path_qs, headers, body)
+        return await pool.client.request(method, pool.prefix + path_qs, headers, body, extra)
     except h1.WireError as exc:
         raise upstream_error(exc, pool.backend.name) from exc
 
