@@ -1,11 +1,15 @@
-"""N requests at the same moment, one per connection, all connections opened beforehand.
+"""N requests in flight at once, one per connection, all connections opened beforehand.
 
-What slow5000 needs: wrk re-sends on every connection as soon as an answer comes, and an
-aiohttp client's own overhead at 5,000 at once is a second or more. Here the connections
-are opened first (not timed); then every request is written in one go and each latency
-runs from its write to its answer's last byte. Raw asyncio protocols keep the client cheap.
+What slow5000 needs: an aiohttp client's own overhead at 5,000 at once is a second or more.
+Here the connections are opened first (not timed), and each latency runs from a request's
+write to its answer's last byte. Raw asyncio protocols keep the client cheap. Two shapes:
 
-    python -m load.burst URL -n 5000 [--timeout 30] [--json]
+- burst (default): every request written in the same instant, one per connection;
+- `--steady S`: each connection sends its next request as soon as its answer ends, for S
+  seconds, the first requests spread evenly over `--ramp` seconds (set it to the backend's
+  answer time). That is N requests in flight all the time: N users of a slow backend.
+
+    python -m load.burst URL -n 5000 [--steady 12 --ramp 2] [--timeout 30] [--json]
 """
 
 from __future__ import annotations
@@ -105,6 +109,88 @@ async def _connect(host: str, port: int, gate: asyncio.Semaphore,
     return protocol, done
 
 
+class Looping(asyncio.Protocol):
+    """One kept-alive connection sending its next request as soon as an answer ends."""
+
+    def __init__(self, request: bytes, until: float, outcomes: list[tuple[int | None, float,
+                 str]], done: asyncio.Future[None]) -> None:
+        self._request, self._until, self._outcomes, self._done = request, until, outcomes, done
+        self._buf = bytearray()
+        self._sent_at = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def send(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            self._stop()
+            return
+        self._buf.clear()
+        self._sent_at = time.perf_counter()
+        self.transport.write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        status = answer_complete(self._buf)
+        if status is None:
+            return
+        now = time.perf_counter()
+        self._outcomes.append((status, (now - self._sent_at) * 1000, ""))
+        if now < self._until:
+            self.send()
+        else:
+            self._stop()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done.done() and self._sent_at:
+            self._outcomes.append((None, 0.0, "reset"))
+        self._stop()
+
+    def _stop(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def steady(url: str, count: int, duration_s: float, ramp_s: float,
+                 timeout_s: float = 30.0) -> BurstResult:
+    """`count` connections each looping request -> answer for `duration_s`, their first
+    requests spread over `ramp_s`; the answers of requests started before the end count."""
+    raise_fd_limit(count + 1024)
+    host, port, request = _request(url)
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(CONNECT_AT_ONCE)
+    outcomes: list[tuple[int | None, float, str]] = []
+    started = time.perf_counter()
+    until = started + 3600  # set once every connection is open
+
+    async def connect() -> tuple[Looping, asyncio.Future[None]] | None:
+        done: asyncio.Future[None] = loop.create_future()
+        async with gate:
+            try:
+                _, protocol = await asyncio.wait_for(loop.create_connection(
+                    lambda: Looping(request, until, outcomes, done), host, port), 30)
+            except (OSError, TimeoutError):
+                return None
+        return protocol, done
+
+    opened = await asyncio.gather(*(connect() for _ in range(count)))
+    connect_s = time.perf_counter() - started
+    live = [pair for pair in opened if pair is not None]
+    end = time.perf_counter() + duration_s
+    for index, (protocol, _) in enumerate(live):
+        protocol._until = end
+        loop.call_later(ramp_s * index / max(1, len(live)), protocol.send)
+    await asyncio.wait([done for _, done in live], timeout=duration_s + timeout_s)
+    for protocol, _ in live:
+        if protocol.transport is not None:
+            protocol.transport.close()
+    sent = len(outcomes) + sum(1 for _, done in live if not done.done())
+    return _tally(url, sent + count - len(live), sent, outcomes, connect_s)
+
+
 def _request(url: str) -> tuple[str, int, bytes]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -148,10 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url")
     parser.add_argument("-n", "--requests", type=int, default=5000)
     parser.add_argument("--timeout", type=float, default=30.0, help="for the answers, seconds")
+    parser.add_argument("--steady", type=float, default=0.0, metavar="S",
+                        help="loop requests on every connection for S seconds")
+    parser.add_argument("--ramp", type=float, default=2.0, metavar="S",
+                        help="with --steady: spread the first requests over S seconds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(burst(args.url, args.requests, args.timeout))
+        result = runner.run(
+            steady(args.url, args.requests, args.steady, args.ramp, args.timeout)
+            if args.steady > 0 else burst(args.url, args.requests, args.timeout))
     print(json.dumps(result.to_json()) if args.json else json.dumps(result.to_json(), indent=2))
     return 0
 

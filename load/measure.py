@@ -52,6 +52,7 @@ class Load:
     timeout_s: float = 30.0
     scenario: str = "get"  # load.loadgen scenario when wrk is not used
     burst: bool = False  # load.burst: one request per connection, all at once
+    steady_ramp_s: float | None = None  # with burst: loop for duration_s, first sends spread
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +127,10 @@ def parse_loadgen(output: str) -> Measurement:
 
 
 def burst_argv(url: str, load: Load) -> list[str]:
+    steady = [] if load.steady_ramp_s is None else [
+        "--steady", str(load.duration_s), "--ramp", str(load.steady_ramp_s)]
     return [PYTHON, "-m", "load.burst", url, "-n", str(load.connections), "--timeout",
-            str(load.timeout_s), "--json"]
+            str(load.timeout_s), *steady, "--json"]
 
 
 def parse_burst(output: str) -> Measurement:

@@ -45,9 +45,9 @@ class WireError(Exception):
         self.kind, self.detail = kind, detail
 
 
-def _expire(waiter: asyncio.Future[Any], error: WireError) -> None:
-    if not waiter.done():
-        waiter.set_exception(error)
+def _expire(waiter: asyncio.Future[Any], what: str, timeout_s: float) -> None:
+    if not waiter.done():  # the error is made only now: timers mostly never fire
+        waiter.set_exception(WireError("timeout", f"{what} within {timeout_s:g} s"))
 
 
 class Response:
@@ -134,8 +134,7 @@ class Response:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
         timer = waiter.get_loop().call_later(
-            self.timeout_s, _expire, waiter,
-            WireError("timeout", f"no part of the answer within {self.timeout_s:g} s"))
+            self.timeout_s, _expire, waiter, "no part of the answer", self.timeout_s)
         try:
             await waiter
         except WireError as exc:
@@ -268,8 +267,7 @@ class Connection(asyncio.Protocol):
                 self.transport.write(body)
         timeout_s = self.pool.timeout_s
         timer = waiter.get_loop().call_later(
-            timeout_s, _expire, waiter,
-            WireError("timeout", f"no answer within {timeout_s:g} s"))
+            timeout_s, _expire, waiter, "no answer", timeout_s)
         try:
             return await waiter
         finally:
