@@ -82,7 +82,12 @@ class Response:
         self._wake()
 
     def finish(self, keep_alive: bool) -> None:
+        if self.error is not None:  # cut before its end (e.g. the pool closed): stays an error
+            return
         self.done, self.keep_alive = True, keep_alive
+        if self._paused and self._conn is not None:  # whole: the connection may serve again
+            self._paused = False
+            self._conn.resume_reading()
         self._wake()
 
     def fail(self, error: WireError) -> None:
@@ -213,6 +218,9 @@ class Connection(asyncio.Protocol):
     # httptools callbacks -------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if not self.expecting:  # a second answer nobody asked for, in the same read
+            self.close()
+            return
         self.raw_headers, self.reason = [], b""
 
     def on_status(self, status: bytes) -> None:
@@ -222,6 +230,8 @@ class Connection(asyncio.Protocol):
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if not self.expecting:
+            return
         status = self.parser.get_status_code()
         self.informational = 100 <= status < 200
         if self.informational:  # 103 Early Hints and the like: the answer is still to come
@@ -232,7 +242,9 @@ class Connection(asyncio.Protocol):
         reason = self.reason.decode("ascii") if self.reason.isascii() else None
         response = Response(self, status, reason, headers, self.pool.timeout_s)
         self.response = response
-        framed = "Content-Length" in headers or "Transfer-Encoding" in headers
+        coding = headers.get("Transfer-Encoding", "").rsplit(",", 1)[-1].strip().lower()
+        # RFC 9112 6.3: a response whose last transfer coding is not chunked ends at close.
+        framed = coding == "chunked" or ("Content-Length" in headers and not coding)
         self.until_close = not framed and status not in (204, 304) and not self.head_only
         if self.head_only:  # llhttp cannot be told a HEAD answer has no body: do not reuse
             self.expecting = False
@@ -242,11 +254,12 @@ class Connection(asyncio.Protocol):
             waiter.set_result(response)
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None and not self.response.done:
+        if self.expecting and self.response is not None and not self.response.done:
             self.response.feed(body)
 
     def on_message_complete(self) -> None:
-        if self.informational or self.response is None or self.response.done:
+        if (not self.expecting or self.informational or self.response is None
+                or self.response.done):
             return
         self.expecting = False
         self.response.finish(keep_alive=self.parser.should_keep_alive())
@@ -292,6 +305,9 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.response is not None and not self.response.done:
+                self.response.fail(WireError("truncated", "the connection was closed before "
+                                             "the answer ended"))
             if self.transport is not None:
                 self.transport.abort()
             self.pool.forget(self)
@@ -363,10 +379,12 @@ class Pool:
             given = await self.wait_turn()
             if given is not None:
                 return given
+            return await self.connect(reserved=True)  # wake() held a slot for us
         return await self.connect()
 
     async def wait_turn(self) -> Connection | None:
-        """Wait for a connection handed back (or a free slot: None) within timeout_s."""
+        """Wait for a connection handed back, or a slot held for us (None), within
+        timeout_s."""
         waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         try:
@@ -380,16 +398,18 @@ class Pool:
                 handed = waiter.result()
                 if handed is not None:
                     self.put(handed)
-                else:
+                else:  # give the held slot on
+                    self.connecting -= 1
                     self.wake()
             raise
         finally:
             if not waiter.done():
                 waiter.cancel()
 
-    async def connect(self) -> Connection:
+    async def connect(self, reserved: bool = False) -> Connection:
         loop = asyncio.get_running_loop()
-        self.connecting += 1
+        if not reserved:
+            self.connecting += 1
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
@@ -435,18 +455,21 @@ class Pool:
             self.wake()
 
     def wake(self) -> None:
-        while self.waiters:
+        """A slot is free: hold it for the first waiting request (counted as connecting, so
+        a request arriving meanwhile cannot take it too)."""
+        while self.waiters and not self.closed:
             waiter = self.waiters.popleft()
             if not waiter.done():
+                self.connecting += 1
                 waiter.set_result(None)
                 return
 
     async def close(self) -> None:
         self.closed = True
-        for conn in list(self.open):
-            conn.close()
-        self.idle.clear()
-        while self.waiters:
+        while self.waiters:  # first: a slot freed below must not become a new connection
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(WireError("connect_error", "the pool is closed"))
+        for conn in list(self.open):
+            conn.close()
+        self.idle.clear()

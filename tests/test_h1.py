@@ -547,9 +547,6 @@ async def test_limit_one_with_nothing_freed_within_timeout_is_a_connect_error(
     first.release()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a slot freed by a closed connection is handed "
-                   "to a waiter without being reserved; a newcomer takes it first and both "
-                   "connect, so max_connections is exceeded (h1.py Pool.acquire, lines 364-368)")
 async def test_limit_holds_when_a_freed_slot_races_a_newcomer(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:
@@ -607,10 +604,6 @@ async def test_slow_reader_keeps_the_buffer_bounded_and_gets_every_byte(
     response.release()
 
 
-@pytest.mark.xfail(strict=True, raises=h1.WireError,
-                   reason="BUG: read() of an answer that ended while reading was paused "
-                   "never resumes reading; the connection goes back to the pool paused and "
-                   "the next request on it times out (h1.py Response.read, lines 125-127)")
 async def test_answer_over_high_water_read_after_it_ended_leaves_the_connection_usable(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:
@@ -767,9 +760,6 @@ async def test_pool_close_closes_idle_connections(
     assert not pool.idle and not pool.open
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Pool.close() closes busy connections first; "
-                   "each close wakes a waiter with a free slot, which then opens a new "
-                   "connection to the backend only to drop it (h1.py Pool.close, lines 448-449)")
 async def test_pool_close_opens_no_new_connection_for_a_waiter(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:
@@ -822,29 +812,22 @@ async def test_bytes_out_of_turn_on_an_idle_connection_drop_it(
     assert backend.accepted == 2
 
 
-@pytest.mark.xfail(strict=True, raises=h1.WireError,
-                   reason="BUG: bytes after the answer's end in the same read are parsed as "
-                   "a second answer and the connection is still pooled; the next request's "
-                   "answer is read as that stray answer's body (h1.py Connection."
-                   "on_message_complete, lines 252-253: parsing goes on past the answer)")
 async def test_bytes_right_behind_the_answer_do_not_spoil_the_next_request(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:
     # A backend that answers twice, e.g. a framework writing an error page after a handler
     # already answered: the stray head arrives in the same segment as the real answer.
+    # That connection is dropped; the next request gets a clean answer on a new one.
     stray = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 40\r\n\r\n"
-    backend = await raw(answers(answer(b"mine") + stray, answer(b"next")))
+    backend = await raw(answers(answer(b"mine") + stray, answer(b"stale")))
     pool = pools(backend.port)
     _, body = await fetch(pool)
     assert body == b"mine"
-    _, body = await fetch(pool)
-    assert body == b"next"
+    response, body = await fetch(pool)
+    assert (response.status, body) == (200, b"mine")
+    assert backend.accepted == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the pool's own abort reaches connection_lost "
-                   "with exc None, which is taken for the backend's clean close, so an answer "
-                   "framed by close ends as if complete (h1.py Connection.connection_lost, "
-                   "line 206)")
 async def test_pool_close_mid_answer_framed_by_close_is_not_a_clean_end(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:
@@ -863,10 +846,6 @@ async def test_pool_close_mid_answer_framed_by_close_is_not_a_clean_end(
             await response.read()
 
 
-@pytest.mark.xfail(strict=True, raises=h1.WireError,
-                   reason="BUG: a response whose Transfer-Encoding does not end in chunked is "
-                   "framed by close (RFC 9112 6.3), but until_close ignores it, so the "
-                   "backend's close is reported as truncated (h1.py lines 236-237)")
 async def test_transfer_encoding_without_chunked_is_framed_by_close(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:
