@@ -45,9 +45,16 @@ class WireError(Exception):
         self.kind, self.detail = kind, detail
 
 
-def _expire(waiter: asyncio.Future[Any], what: str, timeout_s: float) -> None:
+def _expire(waiter: asyncio.Future[Any], timeout_s: float) -> None:
     if not waiter.done():  # the error is made only now: timers mostly never fire
-        waiter.set_exception(WireError("timeout", f"{what} within {timeout_s:g} s"))
+        waiter.set_result(WireError("timeout", f"no answer within {timeout_s:g} s"))
+
+
+def fresh(error: WireError) -> WireError:
+    """A copy to raise. Futures and responses keep errors that are never raised themselves:
+    a raised error's traceback holds the frames it passed, whose locals hold the future or
+    the response, a cycle only the cyclic GC frees (seen as RSS growing in the soak)."""
+    return WireError(error.kind, error.detail)
 
 
 class Response:
@@ -118,7 +125,7 @@ class Response:
             if self.done:
                 return b""
             if self.error is not None:
-                raise self.error
+                raise fresh(self.error)
             await self._wait()
 
     def _drain(self) -> list[bytes]:
@@ -138,15 +145,14 @@ class Response:
     async def _wait(self) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
-        timer = waiter.get_loop().call_later(
-            self.timeout_s, _expire, waiter, "no part of the answer", self.timeout_s)
+        timer = waiter.get_loop().call_later(self.timeout_s, self._expire)
         try:
             await waiter
-        except WireError as exc:
-            self.error = exc
-            raise
         finally:
             timer.cancel()
+
+    def _expire(self) -> None:
+        self.fail(WireError("timeout", f"no part of the answer within {self.timeout_s:g} s"))
 
     def release(self) -> None:
         """Done with the answer: its connection is reused if the answer ended cleanly."""
@@ -179,7 +185,7 @@ class Connection(asyncio.Protocol):
         self.head_only = False
         self.informational = False
         self.until_close = False
-        self.waiter: asyncio.Future[Response] | None = None
+        self.waiter: asyncio.Future[Response | WireError] | None = None
         self.response: Response | None = None
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
@@ -205,6 +211,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        del self.parser  # it refers back to us: let reference counting free both
+        self.transport = None
         response = self.response
         if response is not None and not response.done:
             if self.until_close and exc is None:
@@ -213,7 +221,7 @@ class Connection(asyncio.Protocol):
                 response.fail(WireError("truncated", "the backend closed the connection "
                                         "before the answer ended"))
         elif self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(WireError("reset", "the backend closed the connection"))
+            self.waiter.set_result(WireError("reset", "the backend closed the connection"))
 
     # httptools callbacks -------------------------------------------------------------------
 
@@ -270,7 +278,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.expecting, self.got_bytes, self.head_only = True, False, head_only
         self.response = None
-        waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Response | WireError] = asyncio.get_running_loop().create_future()
         self.waiter = waiter
         if body and len(body) <= 65536:
             self.transport.write(head + body)
@@ -279,19 +287,21 @@ class Connection(asyncio.Protocol):
             if body:
                 self.transport.write(body)
         timeout_s = self.pool.timeout_s
-        timer = waiter.get_loop().call_later(
-            timeout_s, _expire, waiter, "no answer", timeout_s)
+        timer = waiter.get_loop().call_later(timeout_s, _expire, waiter, timeout_s)
         try:
-            return await waiter
+            outcome = await waiter
         finally:
             timer.cancel()
             self.waiter = None
+        if isinstance(outcome, WireError):
+            raise fresh(outcome)
+        return outcome
 
     def failed(self, error: WireError) -> None:
         if self.response is not None:
             self.response.fail(error)
         elif self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(error)
+            self.waiter.set_result(error)
         self.close()
 
     def pause_reading(self) -> None:
