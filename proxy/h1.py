@@ -275,7 +275,8 @@ class Connection(asyncio.Protocol):
     # Used by the pool and the response -----------------------------------------------------
 
     async def send(self, head: bytes, body: bytes | None, head_only: bool) -> Response:
-        assert self.transport is not None
+        if self.transport is None or self.closed:  # lost while handed from request to request
+            raise WireError("reset", "the backend closed the connection")
         self.expecting, self.got_bytes, self.head_only = True, False, head_only
         self.response = None
         waiter: asyncio.Future[Response | WireError] = asyncio.get_running_loop().create_future()

