@@ -146,8 +146,8 @@ class Admin:
             raise Refused(400, "request_id: must be a string")
         if user is not None and not isinstance(user, str):
             raise Refused(400, "user_id: must be a string")
-        if rid and rid in self.rt.served:
-            return self.rt.served[rid]
+        if rid and (backend := self.rt.served.get(rid)) is not None:
+            return backend
         if user:
             return self.rt.backend_of_user(user)
         if rid:

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from proxy.fallback import Breaker, RetryBudget, fallback_reason, retrying
 from proxy.guards import Windows
 from proxy.metrics import Metrics
 from proxy.observe import Measurement
+from proxy.recent import Recent
 from proxy.routing import Decision, Facts, Plan, decide, in_cohort, mirrorable
 from proxy.sessions import Pins
 from proxy.state import Store, Stored, due_steps, effective, now_rfc3339, rolled_back
@@ -64,9 +64,7 @@ class Runtime:
         self.draining = False
         self.idle = asyncio.Event()  # set when the last request in flight ends while draining
         self.pools: dict[str, Pool] = {}
-        # request id -> backend, newest last. An OrderedDict, not a dict: deleting a dict's
-        # oldest entry leaves a hole that next(iter()) walks past, 70 us a request once full.
-        self.served: OrderedDict[str, str] = OrderedDict()
+        self.served = Recent(SERVED_MAX)  # request id -> backend, for complaints
         self.pins: Pins = Pins(config.routing.session_ttl_s, config.routing.session_max,
                                monotonic)
         self.stored = store.load()
@@ -121,10 +119,7 @@ class Runtime:
 
     def remember(self, rid: str, backend: str) -> None:
         """Which backend served a recent request, for complaints and feedback (bounded)."""
-        served = self.served
-        served[rid] = backend
-        if len(served) > SERVED_MAX:
-            served.popitem(last=False)
+        self.served.remember(rid, backend)
 
     def deprecation_headers(self) -> list[tuple[str, str]]:
         rollout = self.config.rollout
