@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.observe import Measurement
+from proxy.observe import Measurement, json_value
 
 MAX_DIFF = 20
 
@@ -30,6 +30,14 @@ class Comparison:
     def trace_fields(self) -> dict[str, Any]:
         return {"result": self.result, "status": self.status, "success": self.success,
                 "shape": self.shape, "diff": list(self.diff), "noise": list(self.noise)}
+
+    def trace_json(self) -> str:
+        """trace_fields() as compact JSON, as json would write it."""
+        diff = ",".join(json_value(path) for path in self.diff)
+        noise = ",".join(json_value(path) for path in self.noise)
+        return (f'{{"result":{json_value(self.result)},"status":{json_value(self.status)},'
+                f'"success":{json_value(self.success)},"shape":{json_value(self.shape)},'
+                f'"diff":[{diff}],"noise":[{noise}]}}')
 
 
 def compare(old: Measurement, old_body: Any, new: Measurement, new_body: Any,

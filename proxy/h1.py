@@ -244,9 +244,9 @@ class Connection(asyncio.Protocol):
         self.informational = 100 <= status < 200
         if self.informational:  # 103 Early Hints and the like: the answer is still to come
             return
-        headers = CIMultiDictProxy(CIMultiDict(
+        headers = CIMultiDictProxy(CIMultiDict([
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in self.raw_headers))
+            for name, value in self.raw_headers]))
         reason = self.reason.decode("ascii") if self.reason.isascii() else None
         response = Response(self, status, reason, headers, self.pool.timeout_s)
         self.response = response
@@ -364,8 +364,9 @@ class Pool:
     def head(self, method: str, target: str, headers: Headers, body: bytes | None,
              extra: tuple[tuple[str, str], ...] = ()) -> bytes:
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-        lines.extend(f"{name}: {value}\r\n" for name, value in extra)
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        if extra:
+            lines += [f"{name}: {value}\r\n" for name, value in extra]
         if body is not None or method in BODY_METHODS:
             lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
         lines.append("\r\n")

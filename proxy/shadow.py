@@ -28,7 +28,7 @@ from proxy.compare import Noise, compare
 from proxy.config import Config
 from proxy.h1 import WireError
 from proxy.metrics import Metrics
-from proxy.observe import Measurement, measure, tee_for
+from proxy.observe import Measurement, json_value, measure, tee_for
 from proxy.tasks import Tasks
 from proxy.trace import TraceWriter, utc_stamp
 from proxy.upstream import Pool, UpstreamError, read_error, send
@@ -116,13 +116,13 @@ class Shadow:
                                  self.noise if config.shadow.baseline_sample > 0 else None)
             self.metrics.compared(comparison.result)
             if self.trace is not None:
-                self.trace.write({
-                    "execution_id": rid,
-                    "ts": utc_stamp(time.time()),
-                    "method": method, "path": path_qs.split("?", 1)[0],
-                    "old_system": old.trace_fields(), "new_system": seen.trace_fields(),
-                    "match": comparison.trace_fields(),
-                })
+                # The SPEC's trace record, written as JSON directly (no dict per mirror).
+                self.trace.write_line(
+                    f'{{"execution_id":{json_value(rid)},"ts":"{utc_stamp(time.time())}",'
+                    f'"method":{json_value(method)},'
+                    f'"path":{json_value(path_qs.split("?", 1)[0])},'
+                    f'"old_system":{old.trace_json()},"new_system":{seen.trace_json()},'
+                    f'"match":{comparison.trace_json()}}}')
         except asyncio.CancelledError:
             self.metrics.shadow_dropped.labels("shutdown").inc()
             raise

@@ -48,10 +48,14 @@ class TraceWriter:
         self.writing: asyncio.Future[None] | None = None  # the write running in its thread
 
     def write(self, record: dict[str, Any]) -> None:
+        self.write_line(ENCODER.encode(record))
+
+    def write_line(self, line: str) -> None:
+        """One JSON document, already encoded, without its newline."""
         if len(self.buffer) >= MAX_BUFFERED:
             self.metrics.trace_lines.labels("dropped").inc()
             return
-        self.buffer.append(ENCODER.encode(record) + "\n")
+        self.buffer.append(line + "\n")
         self.metrics.trace_written.inc()
         if len(self.buffer) >= 1000:
             self.wake.set()

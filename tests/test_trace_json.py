@@ -1,0 +1,43 @@
+"""The comparison trace is written without building dicts: it must be byte for byte what
+json would write, or readers of the trace (report, jq, the SPEC) see a different record."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.compare import Comparison
+from proxy.observe import Measurement, json_value
+
+COMPACT = json.JSONEncoder(separators=(",", ":"))
+numbers = st.none() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True)
+texts = st.text(max_size=20)
+
+measurements = st.builds(
+    Measurement, status=st.none() | st.integers(100, 599), time_ms=st.floats(0, 1e7),
+    ttft_ms=st.none() | st.floats(0, 1e7), bytes=st.integers(0, 10**12),
+    tokens=st.none() | st.floats(0, 1e9) | st.integers(0, 10**9).map(float),
+    success=st.none() | st.booleans(), memory_mb=st.none() | st.floats(0, 1e6),
+    error=st.none() | st.sampled_from(["timeout", "reset", "truncated"]),
+    cost_usd=st.none() | st.floats(0, 1e4))
+comparisons = st.builds(
+    Comparison, result=st.sampled_from(["match", "mismatch", "error"]), status=st.booleans(),
+    success=st.booleans(), shape=st.booleans(), diff=st.lists(texts, max_size=4).map(tuple),
+    noise=st.lists(texts, max_size=4).map(tuple))
+
+
+@given(numbers | texts | st.booleans())
+def test_one_value_is_written_as_json_writes_it(value: object) -> None:
+    assert json_value(value) == COMPACT.encode(value)
+
+
+@given(measurements)
+def test_a_measurement_is_written_as_json_writes_its_fields(seen: Measurement) -> None:
+    assert seen.trace_json() == COMPACT.encode(seen.trace_fields())
+
+
+@given(comparisons)
+def test_a_comparison_is_written_as_json_writes_its_fields(comparison: Comparison) -> None:
+    assert comparison.trace_json() == COMPACT.encode(comparison.trace_fields())
