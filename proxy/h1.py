@@ -276,6 +276,7 @@ class Connection(asyncio.Protocol):
 
     async def send(self, head: bytes, body: bytes | None, head_only: bool) -> Response:
         if self.transport is None or self.closed:  # lost while handed from request to request
+            self.got_bytes = False  # nothing of this request's answer: safe to retry
             raise WireError("reset", "the backend closed the connection")
         self.expecting, self.got_bytes, self.head_only = True, False, head_only
         self.response = None
@@ -363,7 +364,9 @@ class Pool:
 
     def head(self, method: str, target: str, headers: Headers, body: bytes | None,
              extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        # A Host among the headers (a backend's configured headers) replaces the URL's.
+        host = "" if "Host" in headers else f"Host: {self.host_header}\r\n"
+        lines = [f"{method} {target} HTTP/1.1\r\n{host}"]
         lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
         if extra:
             lines += [f"{name}: {value}\r\n" for name, value in extra]
@@ -371,7 +374,7 @@ class Pool:
             lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
         lines.append("\r\n")
         text = "".join(lines)
-        breaks = len(lines) + 1  # the first entry holds two lines, every other one
+        breaks = len(lines) + (1 if host else 0)  # the first entry holds one or two lines
         if text.count("\n") != breaks or text.count("\r") != breaks:
             raise WireError("bad_request", "a header holds a line break")
         return text.encode("utf-8", "surrogateescape")
@@ -403,6 +406,9 @@ class Pool:
             async with asyncio.timeout(self.timeout_s):
                 return await waiter
         except TimeoutError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()  # handed over as the deadline struck: take it
+                return handed if handed is not None else await self.connect(reserved=True)
             raise WireError("connect_error", f"no free connection within {self.timeout_s:g} s "
                             f"(backend max_connections is {self.limit})") from None
         except BaseException:

@@ -114,7 +114,7 @@ class Tee:
         try:
             # Decoded here: json.loads(bytes) first sniffs for UTF-16/32, which JSON on the
             # wire is not (RFC 8259 8.1); a body that is not UTF-8 is no figure either.
-            return json.loads(b"".join(self.chunks).decode())
+            return json.loads(b"".join(self.chunks).decode("utf-8-sig"))  # a BOM is allowed
         except (ValueError, RecursionError):  # deep nesting is not a figure we can read
             return None
 

@@ -177,7 +177,7 @@ class ProxyHandler:
         try:
             answer = await self.rt.obtain(decision, request.method, path_qs, out, body)
         except UpstreamError as exc:
-            if primary_seen is not None:
+            if primary_seen is not None and not primary_seen.done():  # a mirror may give up
                 primary_seen.set_result((self.failed(exc), None))
             return error_response(exc.status, str(exc), rid,
                                   X_Rollout_Backend=decision.primary)

@@ -29,10 +29,11 @@ _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
 def utc_stamp(now: float) -> str:
     """RFC 3339 UTC with milliseconds, as datetime.isoformat gives, at a fraction of the cost
     (the date and time are formatted once a second)."""
-    second = int(now)
+    micro = round(now * 1_000_000)  # as datetime rounds a timestamp: to microseconds
+    second = micro // 1_000_000
     if second != _second[0]:
         _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
+    return f"{_second[1]}.{micro // 1000 % 1000:03d}Z"
 
 
 class TraceWriter:

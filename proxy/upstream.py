@@ -63,7 +63,9 @@ class Pool:
                 auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=SKIP_AUTO,
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.backend.connect_timeout_s, sock_read=None))
+                    # sock_read bounds the handshake; aiohttp lifts it for the frames.
+                    total=None, sock_connect=self.backend.connect_timeout_s,
+                    sock_read=self.timeout_s))
         return self.session
 
     async def close(self) -> None:
