@@ -181,14 +181,19 @@ class ProxyHandler:
                 primary_seen.set_result((self.failed(exc), None))
             return error_response(exc.status, str(exc), rid,
                                   X_Rollout_Backend=decision.primary)
+        # Bookkeeping runs once the answer has left (the loop's next turn), not before.
+        asyncio.get_running_loop().call_soon(self.served, rid, answer, facts, config)
+        if session and answer.backend != pinned:
+            self.rt.pins.pin(session, answer.backend)
+        return await self.relay(request, answer, decision, rid, primary_seen)
+
+    def served(self, rid: str, answer: Answer, facts: Facts, config: Config) -> None:
+        """Which backend served whom: for complaints by request id and active users."""
         self.rt.remember(rid, answer.backend)
         if answer.role == "primary" and self.rt.users is not None:
             uid = user_id(facts, config.routing)
             if uid is not None:
                 self.rt.users.add(answer.backend, uid, self.rt.now)
-        if session and answer.backend != pinned:
-            self.rt.pins.pin(session, answer.backend)
-        return await self.relay(request, answer, decision, rid, primary_seen)
 
     def failed(self, exc: UpstreamError) -> Measurement:
         return Measurement(None, 0.0, None, 0, None, False, None, exc.kind)
@@ -234,7 +239,12 @@ class ProxyHandler:
         finally:
             upstream.close() if error else upstream.release()
         tee.feed(body)
-        self.observed(answer, tee, self.rt.monotonic(), error, primary_seen)
+        now = self.rt.monotonic()
+        if error is None:  # measured once the answer has left: off the client's latency
+            asyncio.get_running_loop().call_soon(self.observed, answer, tee, now, None,
+                                                 primary_seen, now)
+        else:
+            self.observed(answer, tee, now, error, primary_seen)
         if error is not None:  # nothing reached the client yet: a proper error, not a cut
             log.warning(json.dumps({"event": "answer_failed", "request_id": rid,
                                     "backend": answer.backend, "error": str(error)}))
@@ -283,8 +293,8 @@ class ProxyHandler:
         return response
 
     def observed(self, answer: Answer, tee: Tee, first_byte: float | None,
-                 error: UpstreamError | None,
-                 primary_seen: asyncio.Future[Any] | None) -> None:
+                 error: UpstreamError | None, primary_seen: asyncio.Future[Any] | None,
+                 ended: float | None = None) -> None:
         """Measure the answer once; feed metrics, windows and a waiting comparison.
         A client that went away says nothing about the backend: nothing is recorded."""
         upstream = answer.response
@@ -295,7 +305,8 @@ class ProxyHandler:
             return
         document = tee.json()
         seen = measure(None if error else upstream.status, upstream.headers, document,
-                       started=answer.started, first_byte=first_byte, ended=self.rt.monotonic(),
+                       started=answer.started, first_byte=first_byte,
+                       ended=self.rt.monotonic() if ended is None else ended,
                        size=tee.size, telemetry=self.rt.config.telemetry,
                        error=error.kind if error else None, backend=answer.backend)
         self.rt.record(answer, seen)
