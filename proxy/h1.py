@@ -352,14 +352,11 @@ class Pool:
             conn = await self.acquire()
             try:
                 return await conn.send(head, body, head_only)
-            except WireError as exc:
+            except BaseException as exc:
                 conn.close()
-                if not (attempt == 1 and conn.reused and exc.kind == "reset"
-                        and not conn.got_bytes and method in IDEMPOTENT):
+                if not (isinstance(exc, WireError) and exc.kind == "reset" and attempt == 1
+                        and conn.reused and not conn.got_bytes and method in IDEMPOTENT):
                     raise
-            except BaseException:
-                conn.close()
-                raise
         raise AssertionError("not reached")
 
     def head(self, method: str, target: str, headers: Headers, body: bytes | None,
@@ -405,18 +402,19 @@ class Pool:
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await waiter
-        except TimeoutError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                handed = waiter.result()  # handed over as the deadline struck: take it
-                return handed if handed is not None else await self.connect(reserved=True)
-            raise WireError("connect_error", f"no free connection within {self.timeout_s:g} s "
-                            f"(backend max_connections is {self.limit})") from None
-        except BaseException:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                handed = waiter.result()
-                if handed is not None:
-                    self.put(handed)
-                else:  # give the held slot on
+        except BaseException as exc:
+            handed = waiter.done() and not waiter.cancelled() and waiter.exception() is None
+            if isinstance(exc, TimeoutError):
+                if handed:  # handed over as the deadline struck: take it
+                    return waiter.result()
+                raise WireError("connect_error", f"no free connection within "
+                                f"{self.timeout_s:g} s (backend max_connections is "
+                                f"{self.limit})") from None
+            if handed:  # cancelled with something in hand: give it on
+                given = waiter.result()
+                if given is not None:
+                    self.put(given)
+                else:
                     self.connecting -= 1
                     self.wake()
             raise

@@ -58,7 +58,7 @@ class Measurement:
 
 
 _STRING = json.encoder.encode_basestring_ascii  # what json.dumps uses by default
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
+COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per call
 
 
 def json_value(value: Any) -> str:
@@ -75,7 +75,7 @@ def json_value(value: Any) -> str:
         return int.__repr__(value)
     if type(value) is float and math.isfinite(value):
         return float.__repr__(value)
-    return _ENCODER.encode(value)
+    return COMPACT.encode(value)
 
 
 def whole(value: float | None) -> float | int | None:

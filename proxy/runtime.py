@@ -117,10 +117,6 @@ class Runtime:
                 return replace(decision, mirror=False)
         return decision
 
-    def remember(self, rid: str, backend: str) -> None:
-        """Which backend served a recent request, for complaints and feedback (bounded)."""
-        self.served.remember(rid, backend)
-
     def deprecation_headers(self) -> list[tuple[str, str]]:
         rollout = self.config.rollout
         since = rollout.deprecation_date.timestamp() if rollout.deprecation_date else (

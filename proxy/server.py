@@ -189,7 +189,7 @@ class ProxyHandler:
 
     def served(self, rid: str, answer: Answer, facts: Facts, config: Config) -> None:
         """Which backend served whom: for complaints by request id and active users."""
-        self.rt.remember(rid, answer.backend)
+        self.rt.served.remember(rid, answer.backend)
         if answer.role == "primary" and self.rt.users is not None:
             uid = user_id(facts, config.routing)
             if uid is not None:
@@ -240,16 +240,15 @@ class ProxyHandler:
             upstream.close() if error else upstream.release()
         tee.feed(body)
         now = self.rt.monotonic()
-        if error is None:  # measured once the answer has left: off the client's latency
-            asyncio.get_running_loop().call_soon(self.observed, answer, tee, now, None,
-                                                 primary_seen, now)
-        else:
-            self.observed(answer, tee, now, error, primary_seen)
         if error is not None:  # nothing reached the client yet: a proper error, not a cut
+            self.observed(answer, tee, now, error, primary_seen)
             log.warning(json.dumps({"event": "answer_failed", "request_id": rid,
                                     "backend": answer.backend, "error": str(error)}))
             return error_response(error.status, str(error), rid,
                                   X_Rollout_Backend=answer.backend)
+        # Measured once the answer has left (the loop's next turn): off the client's latency.
+        asyncio.get_running_loop().call_soon(self.observed, answer, tee, now, None,
+                                             primary_seen, now)
         return web.Response(status=upstream.status, reason=upstream.reason, headers=headers,
                             body=body)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from proxy.metrics import Metrics
+from proxy.observe import COMPACT
 
 log = logging.getLogger("rollout_proxy")
 MAX_BUFFERED = 100_000
-ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per line
 
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
@@ -49,7 +49,7 @@ class TraceWriter:
         self.writing: asyncio.Future[None] | None = None  # the write running in its thread
 
     def write(self, record: dict[str, Any]) -> None:
-        self.write_line(ENCODER.encode(record))
+        self.write_line(COMPACT.encode(record))
 
     def write_line(self, line: str) -> None:
         """One JSON document, already encoded, without its newline."""

@@ -102,9 +102,8 @@ def upstream_error(exc: h1.WireError, backend: str) -> UpstreamError:
     return UpstreamError(exc.kind, f"{backend}: {exc.detail}")
 
 
-def read_error(exc: BaseException, backend: str) -> UpstreamError:
+def read_error(exc: h1.WireError, backend: str) -> UpstreamError:
     """An error while the body streams: the answer is incomplete."""
-    if isinstance(exc, TimeoutError) or (isinstance(exc, h1.WireError) and exc.kind == "timeout"):
+    if exc.kind == "timeout":
         return UpstreamError("timeout", f"{backend} stalled mid-answer")
-    detail = exc.detail if isinstance(exc, h1.WireError) else str(exc)
-    return UpstreamError("truncated", f"{backend} ended the answer early: {detail}")
+    return UpstreamError("truncated", f"{backend} ended the answer early: {exc.detail}")

@@ -229,25 +229,6 @@ async def test_websocket_handshake_to_a_silent_backend_times_out(
                         await pool.session.close()
 
 
-async def test_websocket_passes_frames_both_ways(tmp_path: Path,
-                                                 backends: dict[str, Backend]) -> None:
-    async def echo(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for message in ws:
-            await ws.send_str(f"echo {message.data}")
-        return ws
-
-    backends["legacy"].handler = echo
-    data = config_dict(backends["legacy"].url, backends["next_gen"].url)
-    async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http, \
-            http.ws_connect(f"{proxy.url}/v1/live") as ws:
-        await ws.send_str("hi")
-        async with asyncio.timeout(WAIT):
-            message = await ws.receive()
-        assert message.data == "echo hi"
-
-
 # Pool slots ---------------------------------------------------------------------------------
 
 
