@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.compare import MAX_DIFF, compare, shape_diff
+from proxy.compare import same_shape as quick_shape
 from proxy.observe import Measurement
 
 NOTHING: frozenset[str] = frozenset()
@@ -185,3 +186,21 @@ def test_an_added_key_is_always_a_mismatch(document: Any, key: str) -> None:
     result = compare(answer(), document, answer(), new_body, NOTHING)
     assert result.result == "mismatch"
     assert key in result.diff
+
+
+paths = st.sampled_from(["", "a", "b", "a.b", "a[]", "b[]", "a.b.c", "$", "x"])
+
+
+@given(json_values, json_values, st.frozensets(paths, max_size=3))
+def test_the_quick_shape_check_agrees_with_the_full_diff(old: Any, new: Any,
+                                                        ignore: frozenset[str]) -> None:
+    """compare() asks the quick check first and builds the diff only when it fails."""
+    assert quick_shape(old, new, "", ignore) is (shape_diff(old, new, "", ignore) == [])
+
+
+@given(json_values, st.frozensets(paths, max_size=3))
+def test_the_quick_shape_check_agrees_on_documents_of_one_shape(
+        document: Any, ignore: frozenset[str]) -> None:
+    other = same_shape(document)
+    assert quick_shape(document, other, "", ignore) is (
+        shape_diff(document, other, "", ignore) == [])
