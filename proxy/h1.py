@@ -133,10 +133,17 @@ class Response:
         self._chunks.clear()
         return chunks
 
-    async def read(self) -> bytes:
+    def take(self) -> bytes | None:
+        """The whole body if the answer has already ended cleanly, else None (read it)."""
         if self.done and self.error is None:
             self._buffered = 0
             return b"".join(self._drain())
+        return None
+
+    async def read(self) -> bytes:
+        body = self.take()
+        if body is not None:
+            return body
         parts = []
         while chunk := await self.next_chunk():
             parts.append(chunk)

@@ -45,15 +45,18 @@ class Measurement:
     def trace_json(self) -> str:
         """trace_fields() as compact JSON, byte for byte what json would write, made without
         the dict (a mirror's trace line is written per request in shadow)."""
-        ttft = None if self.ttft_ms is None else round(self.ttft_ms, 3)
-        cost = None if self.cost_usd is None else round(self.cost_usd, 8)
-        text = (f'{{"status":{json_value(self.status)},'
-                f'"time_ms":{json_value(round(self.time_ms, 3))},"ttft_ms":{json_value(ttft)},'
-                f'"tokens":{json_value(whole(self.tokens))},'
-                f'"success":{json_value(self.success)},"memory_mb":{json_value(self.memory_mb)},'
-                f'"bytes":{json_value(self.bytes)},"cost_usd":{json_value(cost)}')
+        value = json_value
+        status, tokens, success, memory = self.status, self.tokens, self.success, self.memory_mb
+        ttft = "null" if self.ttft_ms is None else value(round(self.ttft_ms, 3))
+        cost = "null" if self.cost_usd is None else value(round(self.cost_usd, 8))
+        text = (f'{{"status":{"null" if status is None else value(status)},'
+                f'"time_ms":{value(round(self.time_ms, 3))},"ttft_ms":{ttft},'
+                f'"tokens":{"null" if tokens is None else value(whole(tokens))},'
+                f'"success":{"true" if success is True else value(success)},'
+                f'"memory_mb":{"null" if memory is None else value(memory)},'
+                f'"bytes":{value(self.bytes)},"cost_usd":{cost}')
         if self.error:
-            text += f',"error":{json_value(self.error)}'
+            text += f',"error":{value(self.error)}'
         return text + "}"
 
 

@@ -231,9 +231,10 @@ class ProxyHandler:
         write (aiohttp sends an unprepared Response that way)."""
         upstream = answer.response
         tee = tee_for(upstream.headers, self.rt.config.telemetry, primary_seen is not None)
-        error, body = None, b""
+        error, whole = None, upstream.take()  # usually here already: no coroutine to read it
+        body = b""
         try:
-            body = await upstream.read()
+            body = await upstream.read() if whole is None else whole
         except WireError as exc:
             error = read_error(exc, answer.backend)
         finally:

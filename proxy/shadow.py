@@ -155,17 +155,24 @@ class Shadow:
                                None, exc.kind), None
         tee = tee_for(response.headers, telemetry, True)
         first_byte, error = None, None
+        whole = response.take()  # usually the whole answer came with its head
         try:
-            while chunk := await response.next_chunk():
-                first_byte = first_byte or time.monotonic()
-                tee.feed(chunk)
+            if whole is not None:
+                first_byte = time.monotonic() if whole else None
+                tee.feed(whole)
+            else:
+                while chunk := await response.next_chunk():
+                    first_byte = first_byte or time.monotonic()
+                    tee.feed(chunk)
         except WireError as exc:
             error = read_error(exc, backend)
         finally:
             response.close() if error else response.release()
         document = tee.json()
+        # A whole answer ended as its first byte was seen; one read clock serves both.
+        ended = time.monotonic() if whole is None or first_byte is None else first_byte
         seen = measure(None if error else response.status, response.headers, document,
-                       started=started, first_byte=first_byte, ended=time.monotonic(),
+                       started=started, first_byte=first_byte, ended=ended,
                        size=tee.size, telemetry=telemetry, error=error.kind if error else None,
                        backend=backend)
         return seen, document
