@@ -60,7 +60,32 @@ def request_id(headers: Mapping[str, str]) -> str:
     given = headers.get(REQUEST_ID)
     if given and len(given) <= 200 and given.isascii() and given.isprintable():
         return given
-    return os.urandom(16).hex()  # 128 random bits, as uuid4 but without its object
+    return new_id()
+
+
+IDS_PER_READ = 256
+_random_hex = ""  # IDS_PER_READ ids' worth of the OS's randomness, as hex
+_taken = 0
+
+
+def new_id() -> str:
+    """128 random bits as 32 hex digits, as uuid4().hex but without its object. The OS's
+    randomness is read for IDS_PER_READ ids at once: a system call per 256 requests, not
+    one per request (it was a few microseconds of each request's latency)."""
+    global _random_hex, _taken
+    if _taken >= len(_random_hex):
+        _random_hex, _taken = os.urandom(16 * IDS_PER_READ).hex(), 0
+    _taken += 32
+    return _random_hex[_taken - 32:_taken]
+
+
+def _forget_ids() -> None:
+    """A forked child must not hand out the ids its parent will."""
+    global _random_hex, _taken
+    _random_hex, _taken = "", 0
+
+
+os.register_at_fork(after_in_child=_forget_ids)
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], *, rid: str, peer: str, scheme: str,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.headers import downstream_headers, request_id, upstream_headers
+from proxy.headers import IDS_PER_READ, downstream_headers, request_id, upstream_headers
 
 HOP_BY_HOP = ["Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer",
               "Transfer-Encoding", "Upgrade", "Proxy-Authenticate", "Proxy-Authorization"]
@@ -177,6 +178,29 @@ def test_request_id_is_generated_when_absent() -> None:
 
     assert GENERATED_ID.match(first)
     assert first != second
+
+
+def test_generated_request_ids_never_repeat_across_many_reads_of_randomness() -> None:
+    ids = [request_id(incoming()) for _ in range(IDS_PER_READ * 3 + 7)]
+
+    assert all(GENERATED_ID.match(rid) for rid in ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_forked_worker_never_hands_out_its_parents_request_ids() -> None:
+    request_id(incoming())  # the parent holds randomness not yet handed out
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: write its next id and leave at once
+        os.write(writer, request_id(incoming()).encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    childs = os.read(reader, 64).decode()
+    os.close(reader)
+
+    assert GENERATED_ID.match(childs)
+    assert childs != request_id(incoming())
 
 
 @pytest.mark.parametrize("garbage", ["", "x" * 201, "caf\u00e9", "a\x00b", "line\nbreak",
