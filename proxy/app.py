@@ -70,12 +70,15 @@ class HeadDeadlineHandler(RequestHandler):
         self._deadline = loop.call_later(self.header_timeout_s, self._too_slow)
 
     def data_received(self, data: bytes) -> None:
-        if self._deadline is None and not self._request_in_progress and not self._messages:
-            self._arm()  # the first bytes of a new request head on a kept-alive connection
+        starting = (self._deadline is None and not self._request_in_progress
+                    and not self._messages)  # these bytes begin a new request head
         super().data_received(data)
-        if self._messages and self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        if self._messages:  # the head is whole
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+        elif starting and self.transport is not None and not self.transport.is_closing():
+            self._arm()  # only part of the head came: a timer only then, not per request
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._deadline is not None:
