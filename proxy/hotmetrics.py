@@ -42,8 +42,11 @@ class Hist:
 
 class HotFamilies(Collector):
     def __init__(self, backends: Iterable[str], roles: Iterable[str],
-                 classes: Iterable[str], buckets: tuple[float, ...]) -> None:
+                 classes: Iterable[str], buckets: tuple[float, ...],
+                 comparisons: Iterable[str], trace_lines: Iterable[str]) -> None:
         pairs = [(b, r) for b in backends for r in roles]
+        self.comparisons = dict.fromkeys(comparisons, 0)
+        self.trace_lines = dict.fromkeys(trace_lines, 0)
         self.requests = {(b, r, c): 0 for b, r in pairs for c in classes}
         self.duration = {pair: Hist(buckets) for pair in pairs}
         self.ttfb = {pair: Hist(buckets) for pair in pairs}
@@ -63,8 +66,20 @@ class HotFamilies(Collector):
         yield tokens
         yield histogram("rollout_request_duration_seconds", "Time to an answer's last byte",
                         self.duration)
+        yield counters("rollout_shadow_comparisons", "Shadow comparisons by result", "result",
+                       self.comparisons)
+        yield counters("rollout_trace_lines", "Comparison trace lines", "result",
+                       self.trace_lines)
         yield histogram("rollout_time_to_first_byte_seconds",
                         "Time to an answer's first body byte", self.ttfb)
+
+
+def counters(name: str, documentation: str, label: str,
+             counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family
 
 
 def histogram(name: str, documentation: str,

@@ -24,6 +24,8 @@ CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 MB = 2**20
 MEMORY_BUCKETS = tuple(mb * MB for mb in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))
+COMPARISON_RESULTS = ("match", "mismatch", "error")
+TRACE_RESULTS = ("written", "dropped", "error")
 CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
 
@@ -39,13 +41,21 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.multiprocess_dir = multiprocess_dir
         r = self.registry
-        # The request path's four families: lock-free counters in one process, or
+        # The request path's six families: lock-free counters in one process, or
         # prometheus_client's file-backed values shared by --workers.
         self.hot: HotFamilies | None = None
         if multiprocess_dir is None:
-            self.hot = HotFamilies(BACKENDS, ROLES, CODE_CLASSES, LATENCY_BUCKETS)
+            self.hot = HotFamilies(BACKENDS, ROLES, CODE_CLASSES, LATENCY_BUCKETS,
+                                   COMPARISON_RESULTS, TRACE_RESULTS)
             r.register(self.hot)
         else:
+            self.comparisons = Counter("rollout_shadow_comparisons",
+                                       "Shadow comparisons by result", ["result"], registry=r)
+            self.trace_lines = Counter("rollout_trace_lines", "Comparison trace lines",
+                                       ["result"], registry=r)
+            for result in COMPARISON_RESULTS:
+                self.comparisons.labels(result)
+            self.trace_lines.labels("written")
             self.requests = Counter("rollout_requests",
                                     "Answers by backend, role and status class",
                                     ["backend", "role", "code_class"], registry=r)
@@ -61,8 +71,6 @@ class Metrics:
                             ["backend", "role"], registry=r)
         self.memory = Histogram("rollout_memory_bytes", "Memory the backends reported",
                                 ["backend", "role"], buckets=MEMORY_BUCKETS, registry=r)
-        self.comparisons = Counter("rollout_shadow_comparisons", "Shadow comparisons by result",
-                                   ["result"], registry=r)
         self.shadow_dropped = Counter("rollout_shadow_dropped", "Mirrors not sent or not finished",
                                       ["reason"], registry=r)
         self.shadow_skipped = Counter("rollout_shadow_skipped",
@@ -109,12 +117,7 @@ class Metrics:
                                     "1 while the shared state store is reachable",
                                     multiprocess_mode=latest, registry=r)
         self.state_store_up.set(1)
-        self.trace_lines = Counter("rollout_trace_lines", "Comparison trace lines", ["result"],
-                                   registry=r)
         self._sources: list[tuple[Gauge, Callable[[], float]]] = []
-        self._compared = {result: self.comparisons.labels(result)
-                          for result in ("match", "mismatch", "error")}
-        self.trace_written = self.trace_lines.labels("written")
         self._children: dict[tuple[str, str, str], Counter] = {}
         self._durations: dict[tuple[str, str], Histogram] = {}
         self._tokens: dict[tuple[str, str], Counter] = {}
@@ -193,8 +196,18 @@ class Metrics:
             gauge.set(count())
 
     def compared(self, result: str) -> None:
-        """One shadow comparison and its trace line (children bound once, not per call)."""
-        self._compared[result].inc()
+        """One shadow comparison."""
+        if self.hot is not None:
+            self.hot.comparisons[result] += 1
+        else:
+            self.comparisons.labels(result).inc()
+
+    def traced(self, result: str, lines: int = 1) -> None:
+        """Trace lines written (buffered), dropped (buffer full) or lost (write failed)."""
+        if self.hot is not None:
+            self.hot.trace_lines[result] += lines
+        else:
+            self.trace_lines.labels(result).inc(lines)
 
     def exposition(self) -> bytes:
         """The text for /metrics: this process's, or the sum of every worker's (--workers)."""

@@ -54,10 +54,10 @@ class TraceWriter:
     def write_line(self, line: str) -> None:
         """One JSON document, already encoded, without its newline."""
         if len(self.buffer) >= MAX_BUFFERED:
-            self.metrics.trace_lines.labels("dropped").inc()
+            self.metrics.traced("dropped")
             return
         self.buffer.append(line + "\n")
-        self.metrics.trace_written.inc()
+        self.metrics.traced("written")
         if len(self.buffer) >= 1000:
             self.wake.set()
 
@@ -79,7 +79,7 @@ class TraceWriter:
                     asyncio.to_thread(self._append, "".join(lines)))
                 await asyncio.shield(self.writing)
             except OSError as exc:
-                self.metrics.trace_lines.labels("error").inc(len(lines))
+                self.metrics.traced("error", len(lines))
                 log.error(json.dumps({"event": "trace_write_failed", "path": str(self.path),
                                       "error": str(exc), "lines": len(lines)}))
 
