@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
@@ -32,6 +32,9 @@ from proxy.sessions import Pins
 from proxy.state import Store, Stored, due_steps, effective, now_rfc3339, rolled_back
 from proxy.tasks import Tasks
 from proxy.upstream import Pool, UpstreamError, make_pool, send
+
+if TYPE_CHECKING:
+    from proxy.shadow import Pairing
 
 log = logging.getLogger("rollout_proxy")
 SERVED_MAX = 100_000  # recent requests remembered for complaints and feedback
@@ -232,11 +235,10 @@ class Runtime:
         return "legacy"
 
     def mirror(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None,
-               rid: str) -> asyncio.Future[Any] | None:
+               rid: str) -> Pairing | None:
         if self.shadow is None:
             return None
-        result: asyncio.Future[Any] | None = self.shadow.mirror(method, path_qs, headers, body,
-                                                                rid)
+        result: Pairing | None = self.shadow.mirror(method, path_qs, headers, body, rid)
         return result
 
     def stamp(self) -> str:

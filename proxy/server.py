@@ -27,6 +27,7 @@ from proxy.headers import downstream_headers, request_id, upstream_headers
 from proxy.observe import Measurement, Tee, measure, tee_for
 from proxy.routing import Decision, Facts, user_id
 from proxy.runtime import Answer, Runtime
+from proxy.shadow import UNFINISHED, Pairing
 from proxy.upstream import UpstreamError, read_error
 
 log = logging.getLogger("rollout_proxy")
@@ -175,17 +176,22 @@ class ProxyHandler:
         primary_seen = self.rt.mirror(request.method, path_qs, out, body, rid) \
             if decision.mirror else None
         try:
-            answer = await self.rt.obtain(decision, request.method, path_qs, out, body)
-        except UpstreamError as exc:
-            if primary_seen is not None and not primary_seen.done():  # a mirror may give up
-                primary_seen.set_result((self.failed(exc), None))
-            return error_response(exc.status, str(exc), rid,
-                                  X_Rollout_Backend=decision.primary)
-        # Bookkeeping runs once the answer has left (the loop's next turn), not before.
-        asyncio.get_running_loop().call_soon(self.served, rid, answer, facts, config)
-        if session and answer.backend != pinned:
-            self.rt.pins.pin(session, answer.backend)
-        return await self.relay(request, answer, decision, rid, primary_seen)
+            try:
+                answer = await self.rt.obtain(decision, request.method, path_qs, out, body)
+            except UpstreamError as exc:
+                if primary_seen is not None:
+                    primary_seen.report((self.failed(exc), None))
+                return error_response(exc.status, str(exc), rid,
+                                      X_Rollout_Backend=decision.primary)
+            # Bookkeeping runs once the answer has left (the loop's next turn), not before.
+            asyncio.get_running_loop().call_soon(self.served, rid, answer, facts, config)
+            if session and answer.backend != pinned:
+                self.rt.pins.pin(session, answer.backend)
+            return await self.relay(request, answer, decision, rid, primary_seen)
+        except BaseException:  # cancelled, or a bug: the mirror must not wait for a report
+            if primary_seen is not None:
+                primary_seen.report(UNFINISHED)
+            raise
 
     def served(self, rid: str, answer: Answer, facts: Facts, config: Config) -> None:
         """Which backend served whom: for complaints by request id and active users."""
@@ -210,7 +216,7 @@ class ProxyHandler:
         return response
 
     async def relay(self, request: web.BaseRequest, answer: Answer, decision: Decision,
-                    rid: str, primary_seen: asyncio.Future[Any] | None) -> web.StreamResponse:
+                    rid: str, primary_seen: Pairing | None) -> web.StreamResponse:
         upstream = answer.response
         headers = downstream_headers(upstream.headers)
         headers["X-Rollout-Backend"] = answer.backend
@@ -226,7 +232,7 @@ class ProxyHandler:
         return await self.relay_stream(request, answer, headers, rid, primary_seen)
 
     async def relay_small(self, answer: Answer, headers: CIMultiDict[str], rid: str,
-                          primary_seen: asyncio.Future[Any] | None) -> web.StreamResponse:
+                          primary_seen: Pairing | None) -> web.StreamResponse:
         """A small answer of known length: read it whole, then head and body leave in one
         write (aiohttp sends an unprepared Response that way)."""
         upstream = answer.response
@@ -255,7 +261,7 @@ class ProxyHandler:
 
     async def relay_stream(self, request: web.BaseRequest, answer: Answer,
                            headers: CIMultiDict[str], rid: str,
-                           primary_seen: asyncio.Future[Any] | None) -> web.StreamResponse:
+                           primary_seen: Pairing | None) -> web.StreamResponse:
         """Stream the answer as it arrives (events reach the client one by one)."""
         upstream = answer.response
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
@@ -293,15 +299,15 @@ class ProxyHandler:
         return response
 
     def observed(self, answer: Answer, tee: Tee, first_byte: float | None,
-                 error: UpstreamError | None, primary_seen: asyncio.Future[Any] | None,
+                 error: UpstreamError | None, primary_seen: Pairing | None,
                  ended: float | None = None) -> None:
         """Measure the answer once; feed metrics, windows and a waiting comparison.
         A client that went away says nothing about the backend: nothing is recorded."""
         upstream = answer.response
         if error is not None and error.kind == "client_gone":
             self.rt.metrics.rejected.labels("client_gone").inc()
-            if primary_seen is not None and not primary_seen.done():
-                primary_seen.set_result(None)  # the mirror drops its comparison
+            if primary_seen is not None:
+                primary_seen.report(None)  # the mirror drops its comparison
             return
         document = tee.json()
         seen = measure(None if error else upstream.status, upstream.headers, document,
@@ -310,8 +316,8 @@ class ProxyHandler:
                        size=tee.size, telemetry=self.rt.config.telemetry,
                        error=error.kind if error else None, backend=answer.backend)
         self.rt.record(answer, seen)
-        if primary_seen is not None and not primary_seen.done():
-            primary_seen.set_result((seen, document))
+        if primary_seen is not None:
+            primary_seen.report((seen, document))
 
     async def websocket(self, request: web.BaseRequest, decision: Decision,
                         rid: str) -> web.StreamResponse:

@@ -11,11 +11,14 @@ Rules:
 5. Past the sliding-hour budget (shadow.budget) a mirror is dropped ("budget").
 6. With shadow.compare.baseline_sample, that share of mirrors also asks legacy a second time
    (inside the same in-flight cap); what differs between legacy's two answers is noise.
+7. A mirror holds its in-flight slot while next_gen answers, not while legacy does: the
+   comparison is made by whichever of the two answers ends second (Pairing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +37,33 @@ from proxy.trace import TraceWriter, utc_stamp
 from proxy.upstream import Pool, UpstreamError, read_error, send
 
 SHADOW_HEADER = ("X-Rollout-Shadow", "1")
+log = logging.getLogger("rollout_proxy")
+WAITING: Any = object()  # the primary has not reported yet
+UNFINISHED: Any = object()  # the primary's handler ended without an answer to measure
+
+
+class Pairing:
+    """Where one mirror's answer meets its primary's. The primary reports once (`report`):
+    its (Measurement, document), None when the client left mid-answer, or UNFINISHED; the
+    mirror stores its answers. Whichever comes second makes the comparison, so neither
+    waits for the other (no future, no timer, no task left waiting per mirror)."""
+
+    __slots__ = ("answers", "baseline", "method", "path_qs", "primary", "rid", "shadow")
+
+    def __init__(self, shadow: Shadow, method: str, path_qs: str, rid: str,
+                 baseline: bool) -> None:
+        self.shadow, self.method, self.path_qs, self.rid = shadow, method, path_qs, rid
+        self.baseline = baseline
+        self.primary: Any = WAITING
+        self.answers: Sequence[tuple[Measurement, Any]] | None = None
+
+    def report(self, primary: tuple[Measurement, Any] | None) -> None:
+        """The primary's outcome; only the first report counts."""
+        if self.primary is not WAITING:
+            return
+        self.primary = primary
+        if self.answers is not None:
+            self.shadow.conclude(self)
 
 
 class Shadow:
@@ -62,8 +92,8 @@ class Shadow:
         return copy, ()
 
     def mirror(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None,
-               rid: str) -> asyncio.Future[Any] | None:
-        """Start a mirror; the returned future is to be given the primary's measurement."""
+               rid: str) -> Pairing | None:
+        """Start a mirror; the primary reports its measurement to the returned Pairing."""
         reason = self.refusal()
         if reason is not None:
             self.metrics.shadow_dropped.labels(reason).inc()
@@ -71,12 +101,10 @@ class Shadow:
         baseline = self.config.shadow.baseline_sample > 0 and (
             self.in_flight + 2 <= self.config.shadow.max_in_flight) and (
             self.chance() < self.config.shadow.baseline_sample)
-        primary: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        slots = 2 if baseline else 1
-        self.in_flight += slots
-        self.tasks.spawn(self.run(method, path_qs, headers, body, rid, primary, baseline),
-                         name="mirror")
-        return primary
+        pairing = Pairing(self, method, path_qs, rid, baseline)
+        self.in_flight += 2 if baseline else 1
+        self.tasks.start(self.run(method, path_qs, headers, body, pairing), name="mirror")
+        return pairing
 
     def refusal(self) -> str | None:
         if self.closing:
@@ -88,60 +116,71 @@ class Shadow:
         return None
 
     async def run(self, method: str, path_qs: str, headers: CIMultiDict[str],
-                  body: bytes | None, rid: str, primary: asyncio.Future[Any],
-                  baseline: bool) -> None:
-        config = self.config
-        ignore = frozenset(config.shadow.ignore)
+                  body: bytes | None, pairing: Pairing) -> None:
+        """Ask next_gen (and with a baseline, legacy again); the comparison is made by
+        whichever of this and the primary's report comes second (no waiting here)."""
         try:
             answers: Sequence[tuple[Measurement, Any]]
-            if baseline:
+            if pairing.baseline:
                 answers = await asyncio.gather(
                     self.send("next_gen", method, path_qs, headers, body),
                     self.send("legacy", method, path_qs, headers, body))
             else:  # no gather: it would wrap the one send in a task of its own
                 answers = [await self.send("next_gen", method, path_qs, headers, body)]
-            seen, document = answers[0]
+            seen = answers[0][0]
             self.metrics.measured("next_gen", "shadow", seen)
             self.record("next_gen", seen)
             self.budget.spend(seen.tokens, seen.cost_usd)
-            primary_result = await self.primary(primary, config.backends["legacy"].timeout_s + 5)
-            if primary_result is None:  # the client left mid-answer: nothing to compare
-                self.metrics.shadow_dropped.labels("client_gone").inc()
-                return
-            old, old_document = primary_result
-            if baseline and answers[1][0].status is not None and old.status is not None:
-                self.metrics.measured("legacy", "shadow", answers[1][0])
-                self.noise.learn(old_document, answers[1][1], ignore)
-            comparison = compare(old, old_document, seen, document, ignore,
-                                 self.noise if config.shadow.baseline_sample > 0 else None)
-            self.metrics.compared(comparison.result)
-            if self.trace is not None:
-                # The SPEC's trace record, written as JSON directly (no dict per mirror).
-                self.trace.write_line(
-                    f'{{"execution_id":{json_value(rid)},"ts":"{utc_stamp(time.time())}",'
-                    f'"method":{json_value(method)},'
-                    f'"path":{json_value(path_qs.split("?", 1)[0])},'
-                    f'"old_system":{old.trace_json()},"new_system":{seen.trace_json()},'
-                    f'"match":{comparison.trace_json()}}}')
+            pairing.answers = answers
         except asyncio.CancelledError:
             self.metrics.shadow_dropped.labels("shutdown").inc()
             raise
-        except TimeoutError:
-            self.metrics.shadow_dropped.labels("primary_unfinished").inc()
+        except Exception:  # started with Tasks.start: nobody else would see it
+            log.exception("mirror failed")
         finally:
-            slots = 2 if baseline else 1
-            self.in_flight -= slots
+            self.in_flight -= 2 if pairing.baseline else 1
+            self.tasks.forget(asyncio.current_task())
+        if pairing.primary is not WAITING:
+            self.conclude(pairing)
 
-    @staticmethod
-    async def primary(primary: asyncio.Future[Any], within_s: float) -> Any:
-        """The primary's measurement, once its answer ended; TimeoutError past `within_s`."""
-        if not primary.done():
-            timer = primary.get_loop().call_later(within_s, _give_up, primary)
-            try:
-                await primary
-            finally:
-                timer.cancel()
-        return primary.result()
+    def conclude(self, pairing: Pairing) -> None:
+        """Both sides are in: count and trace the comparison. Never raises (it may run in
+        the primary's handler)."""
+        primary, answers = pairing.primary, pairing.answers
+        if answers is None:  # the mirror failed outright (already logged)
+            return
+        if primary is None:  # the client left mid-answer: nothing to compare
+            self.metrics.shadow_dropped.labels("client_gone").inc()
+            return
+        if primary is UNFINISHED:
+            self.metrics.shadow_dropped.labels("primary_unfinished").inc()
+            return
+        try:
+            self.compare(pairing, primary, answers)
+        except Exception:
+            log.exception("shadow comparison failed")
+
+    def compare(self, pairing: Pairing, primary: tuple[Measurement, Any],
+                answers: Sequence[tuple[Measurement, Any]]) -> None:
+        config = self.config
+        ignore = frozenset(config.shadow.ignore)
+        old, old_document = primary
+        seen, document = answers[0]
+        if pairing.baseline and answers[1][0].status is not None and old.status is not None:
+            self.metrics.measured("legacy", "shadow", answers[1][0])
+            self.noise.learn(old_document, answers[1][1], ignore)
+        comparison = compare(old, old_document, seen, document, ignore,
+                             self.noise if config.shadow.baseline_sample > 0 else None)
+        self.metrics.compared(comparison.result)
+        if self.trace is not None:
+            # The SPEC's trace record, written as JSON directly (no dict per mirror).
+            path_qs = pairing.path_qs
+            self.trace.write_line(
+                f'{{"execution_id":{json_value(pairing.rid)},"ts":"{utc_stamp(time.time())}",'
+                f'"method":{json_value(pairing.method)},'
+                f'"path":{json_value(path_qs.split("?", 1)[0])},'
+                f'"old_system":{old.trace_json()},"new_system":{seen.trace_json()},'
+                f'"match":{comparison.trace_json()}}}')
 
     async def send(self, backend: str, method: str, path_qs: str, headers: CIMultiDict[str],
                    body: bytes | None) -> tuple[Measurement, Any]:
@@ -183,7 +222,3 @@ class Shadow:
         for pool in self.pools.values():
             await pool.close()
 
-
-def _give_up(primary: asyncio.Future[Any]) -> None:
-    if not primary.done():
-        primary.set_exception(TimeoutError())

@@ -20,6 +20,17 @@ class Tasks:
         task.add_done_callback(self._done)
         return task
 
+    def start(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        """As spawn, without a done-callback: for a coroutine started per request that logs
+        its own errors and calls forget() as it ends (a callback is a loop turn each)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        return task
+
+    def forget(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._tasks.discard(task)
+
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:

@@ -17,6 +17,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.observe import Measurement
+from proxy.shadow import UNFINISHED, Pairing
 from tests.conftest import Backend, Running, config_dict, dead_url, running, write_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -452,3 +454,50 @@ async def test_legacy_failure_still_compares(tmp_path: Path,
     assert line["execution_id"] == "lf"
     assert line["old_system"]["status"] is None
     assert line["new_system"]["status"] == 200
+
+
+async def test_a_mirror_done_before_legacy_answers_is_compared_when_legacy_does(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    """The mirror ends first and frees its in-flight slot at once; the comparison is made
+    when legacy's answer ends, and it is the same trace line as in the other order."""
+    release = asyncio.Event()
+    backends["legacy"].handler = stalling(release)
+    async with running(tmp_path, shadow_config(backends)) as proxy, \
+            aiohttp.ClientSession() as http:
+        shadow = proxy.proxy.runtime.shadow
+        answer = asyncio.ensure_future(get(http, f"{proxy.url}/v1/tasks",
+                                           headers={"X-Request-Id": "first-mirror"}))
+        try:
+            await backends["next_gen"].wait_for(1)
+            assert await shadow.tasks.wait(5) == 0  # the mirror ended, legacy still thinks
+            assert proxy.metric("rollout_shadow_in_flight") == 0
+            assert proxy.metric("rollout_shadow_comparisons_total", result="match") == 0
+        finally:
+            release.set()
+        status, body, _ = await answer
+        (line,) = await settled_trace(proxy)
+    assert (status, json.loads(body)) == (200, {"late": True})
+    assert line["execution_id"] == "first-mirror"
+    assert line["old_system"]["status"] == 200 and line["new_system"]["status"] == 200
+    assert line["match"]["result"] == "mismatch"  # {"late"} against next_gen's own keys
+    assert line["match"]["diff"] == ["backend", "late", "success", "usage"]
+    assert proxy.metric("rollout_shadow_comparisons_total", result="mismatch") == 1
+
+
+
+def test_the_primary_reports_once_and_the_second_side_compares() -> None:
+    """Pairing's rule, pure: the first report counts; whoever comes second concludes."""
+    concluded: list[Any] = []
+
+    class Recorder:
+        def conclude(self, pairing: Pairing) -> None:
+            concluded.append(pairing.primary)
+
+    mirror_first = Pairing(Recorder(), "GET", "/", "r1", False)  # type: ignore[arg-type]
+    mirror_first.answers = [(Measurement(200, 1.0, None, 0, None, True, None), None)]
+    mirror_first.report(None)  # the client left
+    mirror_first.report(UNFINISHED)  # a later report changes nothing
+    primary_first = Pairing(Recorder(), "GET", "/", "r2", False)  # type: ignore[arg-type]
+    primary_first.report(UNFINISHED)  # no answers yet: the mirror will conclude
+    assert concluded == [None]
+    assert primary_first.primary is UNFINISHED
