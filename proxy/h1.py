@@ -18,15 +18,19 @@ Rules:
    reuse and nothing ran.
 5. Every wait is bounded: connecting by connect_timeout_s, a free connection, the answer's
    head and each piece of its body by timeout_s.
+6. `Pool.fire` sends on an idle connection and hands the answer to a Sink as it is parsed,
+   with no coroutine waiting for it (shadow mirrors: one per request). The Sink hears
+   exactly once that the answer ended or failed; its callbacks run inside the parser.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections import deque
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -35,6 +39,7 @@ HIGH_WATER = 256 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # an empty body still says Content-Length: 0
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+log = logging.getLogger("rollout_proxy")
 
 
 class WireError(Exception):
@@ -43,6 +48,26 @@ class WireError(Exception):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind, self.detail = kind, detail
+
+
+class Sink(Protocol):
+    """Takes an answer as it is parsed (Pool.fire). `done` comes once: with the error if
+    the answer failed (response None when no head came), and `retry` when nothing of it
+    arrived on a reused connection the backend had closed (safe to send again)."""
+
+    def head(self, response: Response) -> None: ...
+
+    def chunk(self, data: bytes) -> None: ...
+
+    def done(self, response: Response | None, error: WireError | None, retry: bool) -> None: ...
+
+
+def _tell(sink: Sink, response: Response | None, error: WireError | None,
+          retry: bool = False) -> None:
+    try:  # inside the parser's callbacks: an error here must not break the connection
+        sink.done(response, error, retry)
+    except Exception:
+        log.exception("an answer's sink failed")
 
 
 def _expire(waiter: asyncio.Future[Any], timeout_s: float) -> None:
@@ -61,7 +86,8 @@ class Response:
     """An answer whose head has arrived; its body is read with read() or next_chunk()."""
 
     __slots__ = ("_buffered", "_chunks", "_conn", "_paused", "_waiter", "content_length",
-                 "done", "error", "headers", "keep_alive", "reason", "status", "timeout_s")
+                 "done", "error", "headers", "keep_alive", "reason", "sink", "status",
+                 "timeout_s")
 
     def __init__(self, conn: Connection, status: int, reason: str | None,
                  headers: CIMultiDictProxy[str], timeout_s: float) -> None:
@@ -77,10 +103,16 @@ class Response:
         self.done = False
         self.keep_alive = False
         self.error: WireError | None = None
+        self.sink: Sink | None = None  # set by Pool.fire: the body goes there, not to a reader
 
     # Fed by the connection -----------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        if self.sink is not None:
+            if self._conn is not None:
+                self._conn.last_data = time.monotonic()
+            self.sink.chunk(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and not self._paused and self._conn is not None:
@@ -96,11 +128,19 @@ class Response:
             self._paused = False
             self._conn.resume_reading()
         self._wake()
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            self.release()
+            _tell(sink, self, None)
 
     def fail(self, error: WireError) -> None:
         if not self.done and self.error is None:
             self.error = error
             self._wake()
+            if self.sink is not None:
+                sink, self.sink = self.sink, None
+                self.close()
+                _tell(sink, self, error)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -166,6 +206,7 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        conn.stop_timer()
         if self.done and self.keep_alive and self.error is None:
             conn.pool.put(conn)
         else:
@@ -174,6 +215,7 @@ class Response:
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            conn.stop_timer()
             conn.close()
 
 
@@ -196,6 +238,9 @@ class Connection(asyncio.Protocol):
         self.response: Response | None = None
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
+        self.sink: Sink | None = None  # Pool.fire's, until the answer's head comes
+        self.timer: asyncio.TimerHandle | None = None  # Pool.fire's idle deadline
+        self.last_data = 0.0
 
     # asyncio.Protocol ----------------------------------------------------------------------
 
@@ -229,6 +274,8 @@ class Connection(asyncio.Protocol):
                                         "before the answer ended"))
         elif self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(WireError("reset", "the backend closed the connection"))
+        elif self.sink is not None:
+            self.sink_failed(WireError("reset", "the backend closed the connection"))
 
     # httptools callbacks -------------------------------------------------------------------
 
@@ -257,6 +304,9 @@ class Connection(asyncio.Protocol):
         reason = self.reason.decode("ascii") if self.reason.isascii() else None
         response = Response(self, status, reason, headers, self.pool.timeout_s)
         self.response = response
+        if self.sink is not None:
+            response.sink, self.sink = self.sink, None
+            response.sink.head(response)
         coding = headers.get("Transfer-Encoding", "").rsplit(",", 1)[-1].strip().lower()
         # RFC 9112 6.3: a response whose last transfer coding is not chunked ends at close.
         framed = coding == "chunked" or ("Content-Length" in headers and not coding)
@@ -306,11 +356,55 @@ class Connection(asyncio.Protocol):
             raise fresh(outcome)
         return outcome
 
+    def start(self, head: bytes, body: bytes | None, head_only: bool, sink: Sink) -> None:
+        """Send, and hand the answer to `sink` as it is parsed (Pool.fire)."""
+        self.expecting, self.got_bytes, self.head_only = True, False, head_only
+        self.response, self.sink = None, sink
+        assert self.transport is not None  # Pool.fire hands over open connections only
+        self.transport.write(head + body if body and len(body) <= 65536 else head)
+        if body and len(body) > 65536:
+            self.transport.write(body)
+        self.last_data = time.monotonic()
+        self.timer = asyncio.get_running_loop().call_later(self.pool.timeout_s, self.idle_check)
+
+    def idle_check(self) -> None:
+        """Pool.fire's deadline: timeout_s for the head and between pieces of the body
+        (one timer, moved on only when it strikes, not re-armed per read)."""
+        self.timer = None
+        if self.closed or (self.sink is None and (self.response is None
+                                                   or self.response.sink is None)):
+            return
+        timeout_s = self.pool.timeout_s
+        quiet = time.monotonic() - self.last_data
+        if quiet < timeout_s:
+            self.timer = asyncio.get_running_loop().call_later(timeout_s - quiet,
+                                                               self.idle_check)
+            return
+        what = "no answer" if self.response is None else "no part of the answer"
+        self.failed(WireError("timeout", f"{what} within {timeout_s:g} s"))
+
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def sink_failed(self, error: WireError) -> None:
+        """No head came: tell the sink once, and give the connection up."""
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        self.stop_timer()
+        retry = error.kind == "reset" and self.reused and not self.got_bytes
+        self.close()
+        _tell(sink, None, error, retry)
+
     def failed(self, error: WireError) -> None:
         if self.response is not None:
             self.response.fail(error)
         elif self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(error)
+        elif self.sink is not None:
+            self.sink_failed(error)
         self.close()
 
     def pause_reading(self) -> None:
@@ -383,7 +477,20 @@ class Pool:
             raise WireError("bad_request", "a header holds a line break")
         return text.encode("utf-8", "surrogateescape")
 
-    async def acquire(self) -> Connection:
+    def fire(self, method: str, target: str, headers: Headers, body: bytes | None, sink: Sink,
+             extra: tuple[tuple[str, str], ...] = ()) -> bool:
+        """Send on an idle connection; the answer goes to `sink` as it is parsed. False, with
+        nothing sent, when no connection is idle (then use request())."""
+        if not self.idle:
+            return False
+        head = self.head(method, target, headers, body, extra)
+        conn = self.take_idle()
+        if conn is None:
+            return False
+        conn.start(head, body, method == "HEAD", sink)
+        return True
+
+    def take_idle(self) -> Connection | None:
         now = time.monotonic()
         idle = self.idle
         while idle:
@@ -392,6 +499,12 @@ class Pool:
                 conn.reused = True
                 return conn
             conn.close()
+        return None
+
+    async def acquire(self) -> Connection:
+        conn = self.take_idle()
+        if conn is not None:
+            return conn
         if self.closed:
             raise WireError("connect_error", "the pool is closed")
         if self.limit and len(self.open) + self.connecting >= self.limit:

@@ -18,6 +18,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -26,15 +27,16 @@ from typing import Any
 
 from multidict import CIMultiDict
 
+from proxy import h1
 from proxy.budget import SpendBudget
 from proxy.compare import Noise, compare
 from proxy.config import Config
 from proxy.h1 import WireError
 from proxy.metrics import Metrics
-from proxy.observe import Measurement, json_value, measure, tee_for
+from proxy.observe import Measurement, Tee, json_value, measure, tee_for
 from proxy.tasks import Tasks
 from proxy.trace import TraceWriter, utc_stamp
-from proxy.upstream import Pool, UpstreamError, read_error, send
+from proxy.upstream import Pool, UpstreamError, fire, read_error, send, upstream_error
 
 SHADOW_HEADER = ("X-Rollout-Shadow", "1")
 log = logging.getLogger("rollout_proxy")
@@ -77,6 +79,8 @@ class Shadow:
         self.tasks = Tasks()
         self.in_flight = 0
         self.closing = False
+        self.cut = False  # past the shutdown grace
+        self.drained = asyncio.Event()  # set when closing and no mirror is in flight
 
     def copy_headers(self, headers: CIMultiDict[str],
                      backend: str) -> tuple[CIMultiDict[str], tuple[tuple[str, str], ...]]:
@@ -103,8 +107,54 @@ class Shadow:
             self.chance() < self.config.shadow.baseline_sample)
         pairing = Pairing(self, method, path_qs, rid, baseline)
         self.in_flight += 2 if baseline else 1
-        self.tasks.start(self.run(method, path_qs, headers, body, pairing), name="mirror")
+        if baseline:
+            self.tasks.start(self.run(method, path_qs, headers, body, pairing), name="mirror")
+        else:  # sent on the loop's next turn: after the handler has sent the primary
+            asyncio.get_running_loop().call_soon(self.fire, method, path_qs, headers, body,
+                                                 pairing)
         return pairing
+
+    def fire(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None,
+             pairing: Pairing) -> None:
+        """Send the mirror on an idle connection, its answer measured as it is parsed (no
+        task per mirror); with none idle, as a task that connects."""
+        if self.cut:
+            self.metrics.shadow_dropped.labels("shutdown").inc()
+            self.release(pairing)
+            return
+        sink = MirrorSink(self, pairing, method, path_qs, headers, body)
+        try:
+            sent, extra = self.copy_headers(headers, "next_gen")
+            if fire(self.pools["next_gen"], method, path_qs, sent, body, sink, extra):
+                return
+        except UpstreamError as exc:
+            self.ended(pairing, Measurement(None, 0.0, None, 0, None, False, None, exc.kind),
+                       None)
+            return
+        self.tasks.start(self.run(method, path_qs, headers, body, pairing), name="mirror")
+
+    def ended(self, pairing: Pairing, seen: Measurement, document: Any) -> None:
+        """A mirror answered without a task (MirrorSink): as run() ends. Never raises."""
+        try:
+            self.mirrored(pairing, [(seen, document)])
+        except Exception:
+            log.exception("mirror failed")
+        self.release(pairing)
+        if pairing.primary is not WAITING:
+            self.conclude(pairing)
+
+    def mirrored(self, pairing: Pairing, answers: Sequence[tuple[Measurement, Any]]) -> None:
+        seen = answers[0][0]
+        self.metrics.measured("next_gen", "shadow", seen)
+        self.record("next_gen", seen)
+        self.budget.spend(seen.tokens, seen.cost_usd)
+        pairing.answers = answers
+
+    def release(self, pairing: Pairing) -> None:
+        """The mirror's request to next_gen is over: its in-flight slot is free."""
+        self.in_flight -= 2 if pairing.baseline else 1
+        if self.closing and self.in_flight <= 0:
+            self.drained.set()
 
     def refusal(self) -> str | None:
         if self.closing:
@@ -127,18 +177,14 @@ class Shadow:
                     self.send("legacy", method, path_qs, headers, body))
             else:  # no gather: it would wrap the one send in a task of its own
                 answers = [await self.send("next_gen", method, path_qs, headers, body)]
-            seen = answers[0][0]
-            self.metrics.measured("next_gen", "shadow", seen)
-            self.record("next_gen", seen)
-            self.budget.spend(seen.tokens, seen.cost_usd)
-            pairing.answers = answers
+            self.mirrored(pairing, answers)
         except asyncio.CancelledError:
             self.metrics.shadow_dropped.labels("shutdown").inc()
             raise
         except Exception:  # started with Tasks.start: nobody else would see it
             log.exception("mirror failed")
         finally:
-            self.in_flight -= 2 if pairing.baseline else 1
+            self.release(pairing)
             self.tasks.forget(asyncio.current_task())
         if pairing.primary is not WAITING:
             self.conclude(pairing)
@@ -217,8 +263,64 @@ class Shadow:
         return seen, document
 
     async def close(self, grace_s: float) -> None:
+        """Running mirrors get `grace_s` to end; then the rest are cut and counted."""
         self.closing = True
-        await self.tasks.wait(grace_s)
+        if self.in_flight > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await self.drained.wait()
+        self.cut = True  # a mirror ending from here on is counted as shutdown
+        await self.tasks.wait(0)
         for pool in self.pools.values():
             await pool.close()
+
+
+class MirrorSink:
+    """A mirror's answer, measured as h1 parses it (upstream.fire): no task per mirror."""
+
+    __slots__ = ("body", "first_byte", "headers", "method", "pairing", "path_qs", "shadow",
+                 "started", "tee")
+
+    def __init__(self, shadow: Shadow, pairing: Pairing, method: str, path_qs: str,
+                 headers: CIMultiDict[str], body: bytes | None) -> None:
+        self.shadow, self.pairing = shadow, pairing
+        self.method, self.path_qs, self.headers, self.body = method, path_qs, headers, body
+        self.started = time.monotonic()
+        self.first_byte: float | None = None
+        self.tee: Tee | None = None
+
+    def head(self, response: h1.Response) -> None:
+        self.tee = tee_for(response.headers, self.shadow.config.telemetry, True)
+
+    def chunk(self, data: bytes) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+        if self.tee is not None:
+            self.tee.feed(data)
+
+    def done(self, response: h1.Response | None, error: h1.WireError | None,
+             retry: bool) -> None:
+        shadow, pairing = self.shadow, self.pairing
+        if shadow.cut:
+            shadow.metrics.shadow_dropped.labels("shutdown").inc()
+            shadow.release(pairing)
+            return
+        if retry:  # the backend had closed the idle connection: again, on a new one
+            shadow.tasks.start(shadow.run(self.method, self.path_qs, self.headers, self.body,
+                                          pairing), name="mirror")
+            return
+        ended = time.monotonic()
+        if response is None or self.tee is None:
+            kind = upstream_error(error, "next_gen").kind if error else "bad_response"
+            shadow.ended(pairing, Measurement(None, (ended - self.started) * 1000, None, 0,
+                                              None, False, None, kind), None)
+            return
+        tee = self.tee
+        document = tee.json()
+        seen = measure(None if error else response.status, response.headers, document,
+                       started=self.started, first_byte=self.first_byte, ended=ended,
+                       size=tee.size, telemetry=shadow.config.telemetry,
+                       error=read_error(error, "next_gen").kind if error else None,
+                       backend="next_gen")
+        shadow.ended(pairing, seen, document)
 

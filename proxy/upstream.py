@@ -96,6 +96,18 @@ async def send(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
         raise upstream_error(exc, pool.backend.name) from exc
 
 
+def fire(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None,
+         sink: h1.Sink, extra: tuple[tuple[str, str], ...] = ()) -> bool:
+    """Send on an idle connection, the answer going to `sink` as it is parsed (h1.Pool.fire);
+    False when none is idle (then use send())."""
+    if not path_qs.startswith("/"):  # never let a target name another host
+        raise UpstreamError("bad_request", f"refused request target {path_qs[:50]!r}")
+    try:
+        return pool.client.fire(method, pool.prefix + path_qs, headers, body, sink, extra)
+    except h1.WireError as exc:
+        raise upstream_error(exc, pool.backend.name) from exc
+
+
 def upstream_error(exc: h1.WireError, backend: str) -> UpstreamError:
     if exc.kind == "timeout":
         return UpstreamError("timeout", f"no answer from {backend}: {exc.detail}")
