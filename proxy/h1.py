@@ -21,6 +21,8 @@ Rules:
 6. `Pool.fire` sends on an idle connection and hands the answer to a Sink as it is parsed,
    with no coroutine waiting for it (shadow mirrors: one per request). The Sink hears
    exactly once that the answer ended or failed; its callbacks run inside the parser.
+   Its head and the quiet between body pieces are bounded by timeout_s, checked by one
+   sweep per pool every timeout_s / 8 (at most 1 s), not by a timer per request.
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        conn.stop_timer()
+        conn.unwatch()
         if self.done and self.keep_alive and self.error is None:
             conn.pool.put(conn)
         else:
@@ -215,7 +217,7 @@ class Response:
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.stop_timer()
+            conn.unwatch()
             conn.close()
 
 
@@ -239,8 +241,8 @@ class Connection(asyncio.Protocol):
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
         self.sink: Sink | None = None  # Pool.fire's, until the answer's head comes
-        self.timer: asyncio.TimerHandle | None = None  # Pool.fire's idle deadline
-        self.last_data = 0.0
+        self.last_data = 0.0  # with a sink: when the request went or the last piece came
+        self.idempotent = False  # with a sink: may be sent again after a reset (rule 4)
 
     # asyncio.Protocol ----------------------------------------------------------------------
 
@@ -306,6 +308,7 @@ class Connection(asyncio.Protocol):
         self.response = response
         if self.sink is not None:
             response.sink, self.sink = self.sink, None
+            self.last_data = time.monotonic()  # the body gets a whole timeout_s from here
             response.sink.head(response)
         coding = headers.get("Transfer-Encoding", "").rsplit(",", 1)[-1].strip().lower()
         # RFC 9112 6.3: a response whose last transfer coding is not chunked ends at close.
@@ -356,45 +359,34 @@ class Connection(asyncio.Protocol):
             raise fresh(outcome)
         return outcome
 
-    def start(self, head: bytes, body: bytes | None, head_only: bool, sink: Sink) -> None:
+    def start(self, head: bytes, body: bytes | None, head_only: bool, sink: Sink,
+              idempotent: bool) -> None:
         """Send, and hand the answer to `sink` as it is parsed (Pool.fire)."""
         self.expecting, self.got_bytes, self.head_only = True, False, head_only
-        self.response, self.sink = None, sink
+        self.response, self.sink, self.idempotent = None, sink, idempotent
         assert self.transport is not None  # Pool.fire hands over open connections only
         self.transport.write(head + body if body and len(body) <= 65536 else head)
         if body and len(body) > 65536:
             self.transport.write(body)
         self.last_data = time.monotonic()
-        self.timer = asyncio.get_running_loop().call_later(self.pool.timeout_s, self.idle_check)
+        self.pool.watch(self)
 
-    def idle_check(self) -> None:
-        """Pool.fire's deadline: timeout_s for the head and between pieces of the body
-        (one timer, moved on only when it strikes, not re-armed per read)."""
-        self.timer = None
-        if self.closed or (self.sink is None and (self.response is None
-                                                   or self.response.sink is None)):
-            return
-        timeout_s = self.pool.timeout_s
-        quiet = time.monotonic() - self.last_data
-        if quiet < timeout_s:
-            self.timer = asyncio.get_running_loop().call_later(timeout_s - quiet,
-                                                               self.idle_check)
-            return
+    def expire(self) -> None:
+        """Pool.sweep found this sink's answer quiet for timeout_s."""
         what = "no answer" if self.response is None else "no part of the answer"
-        self.failed(WireError("timeout", f"{what} within {timeout_s:g} s"))
+        self.failed(WireError("timeout", f"{what} within {self.pool.timeout_s:g} s"))
 
-    def stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def unwatch(self) -> None:
+        self.pool.fired.pop(self, None)
 
     def sink_failed(self, error: WireError) -> None:
         """No head came: tell the sink once, and give the connection up."""
         sink, self.sink = self.sink, None
         if sink is None:
             return
-        self.stop_timer()
-        retry = error.kind == "reset" and self.reused and not self.got_bytes
+        self.unwatch()
+        retry = (error.kind == "reset" and self.reused and not self.got_bytes
+                 and self.idempotent)  # as request() retries (rule 4)
         self.close()
         _tell(sink, None, error, retry)
 
@@ -421,6 +413,11 @@ class Connection(asyncio.Protocol):
             if self.response is not None and not self.response.done:
                 self.response.fail(WireError("truncated", "the connection was closed before "
                                              "the answer ended"))
+            elif self.sink is not None:  # we closed it (the pool closing): never a retry
+                sink, self.sink = self.sink, None
+                self.unwatch()
+                _tell(sink, None, WireError("reset", "the connection was closed before the "
+                                            "answer came"))
             if self.transport is not None:
                 self.transport.abort()
             self.pool.forget(self)
@@ -442,6 +439,11 @@ class Pool:
         self.connecting = 0
         self.waiters: deque[asyncio.Future[Connection | None]] = deque()
         self.closed = False
+        # Pool.fire's requests, bounded by one sweep every sweep_s instead of a timer each
+        # (a timeout strikes between timeout_s and timeout_s + sweep_s).
+        self.fired: dict[Connection, None] = {}
+        self.sweeper: asyncio.TimerHandle | None = None
+        self.sweep_s = min(1.0, max(0.005, timeout_s / 8))
 
     async def request(self, method: str, target: str, headers: Headers, body: bytes | None,
                       extra: tuple[tuple[str, str], ...] = ()) -> Response:
@@ -487,8 +489,21 @@ class Pool:
         conn = self.take_idle()
         if conn is None:
             return False
-        conn.start(head, body, method == "HEAD", sink)
+        conn.start(head, body, method == "HEAD", sink, method in IDEMPOTENT)
         return True
+
+    def watch(self, conn: Connection) -> None:
+        self.fired[conn] = None
+        if self.sweeper is None:
+            self.sweeper = asyncio.get_running_loop().call_later(self.sweep_s, self.sweep)
+
+    def sweep(self) -> None:
+        self.sweeper = None
+        now, timeout_s = time.monotonic(), self.timeout_s
+        for conn in [c for c in self.fired if now - c.last_data >= timeout_s]:
+            conn.expire()
+        if self.fired and self.sweeper is None:  # a sink may have fired again meanwhile
+            self.sweeper = asyncio.get_running_loop().call_later(self.sweep_s, self.sweep)
 
     def take_idle(self) -> Connection | None:
         now = time.monotonic()
@@ -584,6 +599,7 @@ class Pool:
 
     def forget(self, conn: Connection) -> None:
         """A connection closed: its slot is free for a waiting request."""
+        self.fired.pop(conn, None)
         if conn in self.open:
             self.open.discard(conn)
             if conn in self.idle:
@@ -602,6 +618,9 @@ class Pool:
 
     async def close(self) -> None:
         self.closed = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
         while self.waiters:  # first: a slot freed below must not become a new connection
             waiter = self.waiters.popleft()
             if not waiter.done():
