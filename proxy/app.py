@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import gc
 import json
@@ -385,8 +386,28 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
+MMAP_THRESHOLD = 128 * 1024  # glibc's default, made fixed
+
+
+def tune_malloc() -> bool:
+    """Large blocks (over 128 KiB) always from mmap, so they go back to the system when freed.
+
+    By default glibc raises its mmap threshold each time such a block is freed, and later
+    blocks that size come from the main heap, which only shrinks from its top. In the soak
+    the table of the served-request-id dict (about 5 MB, rebuilt every few seconds as ids
+    come and go) did that: RSS climbed in 10 MB steps for three minutes, 88 -> 110 MB. With
+    a fixed threshold it stayed at 88-90 MB. False where there is no glibc mallopt."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 async def serve(path: Path, *, reuse_port: bool = False, worker: int = 0,
                 multiprocess_dir: str | None = None) -> int:
+    tune_malloc()
     config = load_config(path)
     proxy = build(config, multiprocess_dir=multiprocess_dir, worker=worker)
     await start(proxy, reuse_port=reuse_port)
