@@ -55,7 +55,8 @@ class WireError(Exception):
 class Sink(Protocol):
     """Takes an answer as it is parsed (Pool.fire). `done` comes once: with the error if
     the answer failed (response None when no head came), and `retry` when nothing of it
-    arrived on a reused connection the backend had closed (safe to send again)."""
+    arrived on a reused connection the backend had closed and the method is idempotent
+    (safe to send again, as request() would)."""
 
     def head(self, response: Response) -> None: ...
 
