@@ -339,16 +339,9 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.closed:  # lost while handed from request to request
             self.got_bytes = False  # nothing of this request's answer: safe to retry
             raise WireError("reset", "the backend closed the connection")
-        self.expecting, self.got_bytes, self.head_only = True, False, head_only
-        self.response = None
         waiter: asyncio.Future[Response | WireError] = asyncio.get_running_loop().create_future()
         self.waiter = waiter
-        if body and len(body) <= 65536:
-            self.transport.write(head + body)
-        else:
-            self.transport.write(head)
-            if body:
-                self.transport.write(body)
+        self.begin(head, body, head_only)
         timeout_s = self.pool.timeout_s
         timer = waiter.get_loop().call_later(timeout_s, _expire, waiter, timeout_s)
         try:
@@ -360,15 +353,23 @@ class Connection(asyncio.Protocol):
             raise fresh(outcome)
         return outcome
 
+    def begin(self, head: bytes, body: bytes | None, head_only: bool) -> None:
+        """A new exchange: write the request (head and a small body in one write)."""
+        assert self.transport is not None
+        self.expecting, self.got_bytes, self.head_only = True, False, head_only
+        self.response = None
+        if body and len(body) <= 65536:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            if body:
+                self.transport.write(body)
+
     def start(self, head: bytes, body: bytes | None, head_only: bool, sink: Sink,
               idempotent: bool) -> None:
         """Send, and hand the answer to `sink` as it is parsed (Pool.fire)."""
-        self.expecting, self.got_bytes, self.head_only = True, False, head_only
-        self.response, self.sink, self.idempotent = None, sink, idempotent
-        assert self.transport is not None  # Pool.fire hands over open connections only
-        self.transport.write(head + body if body and len(body) <= 65536 else head)
-        if body and len(body) > 65536:
-            self.transport.write(body)
+        self.sink, self.idempotent = sink, idempotent
+        self.begin(head, body, head_only)
         self.last_data = time.monotonic()
         self.pool.watch(self)
 
@@ -380,13 +381,14 @@ class Connection(asyncio.Protocol):
     def unwatch(self) -> None:
         self.pool.fired.pop(self, None)
 
-    def sink_failed(self, error: WireError) -> None:
-        """No head came: tell the sink once, and give the connection up."""
+    def sink_failed(self, error: WireError, ours: bool = False) -> None:
+        """No head came: tell the sink once, and give the connection up. `ours`: we closed
+        it (the pool closing), so the backend may have run the request: never a retry."""
         sink, self.sink = self.sink, None
         if sink is None:
             return
         self.unwatch()
-        retry = (error.kind == "reset" and self.reused and not self.got_bytes
+        retry = (not ours and error.kind == "reset" and self.reused and not self.got_bytes
                  and self.idempotent)  # as request() retries (rule 4)
         self.close()
         _tell(sink, None, error, retry)
@@ -414,11 +416,9 @@ class Connection(asyncio.Protocol):
             if self.response is not None and not self.response.done:
                 self.response.fail(WireError("truncated", "the connection was closed before "
                                              "the answer ended"))
-            elif self.sink is not None:  # we closed it (the pool closing): never a retry
-                sink, self.sink = self.sink, None
-                self.unwatch()
-                _tell(sink, None, WireError("reset", "the connection was closed before the "
-                                            "answer came"))
+            elif self.sink is not None:
+                self.sink_failed(WireError("reset", "the connection was closed before the "
+                                           "answer came"), ours=True)
             if self.transport is not None:
                 self.transport.abort()
             self.pool.forget(self)

@@ -41,7 +41,6 @@ class Measurement:
             fields["error"] = self.error
         return fields
 
-
     def trace_json(self) -> str:
         """trace_fields() as compact JSON, byte for byte what json would write, made without
         the dict (a mirror's trace line is written per request in shadow)."""
@@ -79,6 +78,22 @@ def json_value(value: Any) -> str:
     if type(value) is float and math.isfinite(value):
         return float.__repr__(value)
     return COMPACT.encode(value)
+
+
+def measure_tee(status: int | None, headers: Mapping[str, str], tee: Tee, *, started: float,
+                first_byte: float | None, ended: float, telemetry: TelemetryConfig,
+                error: str | None = None, backend: str | None = None) -> tuple[Measurement, Any]:
+    """measure() over the body a Tee collected, and the parsed document (for a comparison).
+    With an error the answer is incomplete: its status is not counted."""
+    document = tee.json()
+    return measure(None if error else status, headers, document, started=started,
+                   first_byte=first_byte, ended=ended, size=tee.size, telemetry=telemetry,
+                   error=error, backend=backend), document
+
+
+def no_answer(kind: str, time_ms: float = 0.0) -> Measurement:
+    """A request that got no complete answer: `kind` says why (connect_error, timeout, ...)."""
+    return Measurement(None, time_ms, None, 0, None, False, None, kind)
 
 
 def whole(value: float | None) -> float | int | None:

@@ -39,7 +39,7 @@ from yarl import URL
 from proxy.capture import NOT_JSON, REPLAY_HEADER
 from proxy.compare import compare
 from proxy.config import Config, ConfigError, load_config, parse_config
-from proxy.observe import Measurement, measure, tee_for
+from proxy.observe import Measurement, measure_tee, no_answer, tee_for
 from proxy.routing import mirrorable
 
 # The loader's defaults: what the shadow rules are when no --config is given.
@@ -244,13 +244,11 @@ class Replayer:
                         tee.feed(chunk)
                     status = response.status
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                return Answer(Measurement(None, (time.monotonic() - started) * 1000, None, 0,
-                                          None, False, None, failure(exc)), None)
-        document = tee.json()
-        seen = measure(status, headers, document, started=started, first_byte=first_byte,
-                       ended=time.monotonic(), size=tee.size, telemetry=telemetry,
-                       backend=backend)
-        return Answer(seen, document)
+                return Answer(no_answer(failure(exc), (time.monotonic() - started) * 1000),
+                              None)
+        return Answer(*measure_tee(status, headers, tee, started=started, first_byte=first_byte,
+                                   ended=time.monotonic(), telemetry=telemetry,
+                                   backend=backend))
 
 
 def failure(exc: BaseException) -> str:

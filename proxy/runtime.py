@@ -25,7 +25,7 @@ from proxy.config import Config
 from proxy.fallback import Breaker, RetryBudget, fallback_reason, retrying
 from proxy.guards import Windows
 from proxy.metrics import Metrics
-from proxy.observe import Measurement
+from proxy.observe import Measurement, no_answer
 from proxy.recent import Recent
 from proxy.routing import Decision, Facts, Plan, decide, in_cohort, mirrorable
 from proxy.sessions import Pins
@@ -208,7 +208,7 @@ class Runtime:
         if backend == "next_gen":
             self.breaker.record(False)
         self.metrics.errored(backend, role)
-        self.windows.add(backend, Measurement(None, 0.0, None, 0, None, False, None, exc.kind))
+        self.windows.add(backend, no_answer(exc.kind))
         log.warning(json.dumps({"event": "upstream_error", "backend": backend, "role": role,
                                 "kind": exc.kind, "detail": exc.detail}))
 

@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from proxy.config import Config, UserIdSource
 from proxy.h1 import WireError
 from proxy.headers import downstream_headers, request_id, upstream_headers
-from proxy.observe import Measurement, Tee, measure, tee_for
+from proxy.observe import Tee, measure_tee, no_answer, tee_for
 from proxy.routing import Decision, Facts, user_id
 from proxy.runtime import Answer, Runtime
 from proxy.shadow import UNFINISHED, Pairing
@@ -180,7 +180,7 @@ class ProxyHandler:
                 answer = await self.rt.obtain(decision, request.method, path_qs, out, body)
             except UpstreamError as exc:
                 if primary_seen is not None:
-                    primary_seen.report((self.failed(exc), None))
+                    primary_seen.report((no_answer(exc.kind), None))
                 return error_response(exc.status, str(exc), rid,
                                       X_Rollout_Backend=decision.primary)
             # Bookkeeping runs once the answer has left (the loop's next turn), not before.
@@ -200,9 +200,6 @@ class ProxyHandler:
             uid = user_id(facts, config.routing)
             if uid is not None:
                 self.rt.users.add(answer.backend, uid, self.rt.now)
-
-    def failed(self, exc: UpstreamError) -> Measurement:
-        return Measurement(None, 0.0, None, 0, None, False, None, exc.kind)
 
     def gone(self, config: Config, rid: str) -> web.Response:
         message = "this service has moved to its next generation; opting out is no longer possible"
@@ -309,12 +306,11 @@ class ProxyHandler:
             if primary_seen is not None:
                 primary_seen.report(None)  # the mirror drops its comparison
             return
-        document = tee.json()
-        seen = measure(None if error else upstream.status, upstream.headers, document,
-                       started=answer.started, first_byte=first_byte,
-                       ended=self.rt.monotonic() if ended is None else ended,
-                       size=tee.size, telemetry=self.rt.config.telemetry,
-                       error=error.kind if error else None, backend=answer.backend)
+        seen, document = measure_tee(
+            upstream.status, upstream.headers, tee, started=answer.started,
+            first_byte=first_byte, ended=self.rt.monotonic() if ended is None else ended,
+            telemetry=self.rt.config.telemetry, error=error.kind if error else None,
+            backend=answer.backend)
         self.rt.record(answer, seen)
         if primary_seen is not None:
             primary_seen.report((seen, document))

@@ -33,10 +33,10 @@ from proxy.compare import Noise, compare
 from proxy.config import Config
 from proxy.h1 import WireError
 from proxy.metrics import Metrics
-from proxy.observe import Measurement, Tee, json_value, measure, tee_for
+from proxy.observe import Measurement, Tee, json_value, measure_tee, no_answer, tee_for
 from proxy.tasks import Tasks
 from proxy.trace import TraceWriter, utc_stamp
-from proxy.upstream import Pool, UpstreamError, fire, read_error, send, upstream_error
+from proxy.upstream import Pool, UpstreamError, fire, read_error, send
 
 SHADOW_HEADER = ("X-Rollout-Shadow", "1")
 log = logging.getLogger("rollout_proxy")
@@ -128,8 +128,7 @@ class Shadow:
             if fire(self.pools["next_gen"], method, path_qs, sent, body, sink, extra):
                 return
         except UpstreamError as exc:
-            self.ended(pairing, Measurement(None, 0.0, None, 0, None, False, None, exc.kind),
-                       None)
+            self.ended(pairing, no_answer(exc.kind), None)
             return
         self.tasks.start(self.run(method, path_qs, headers, body, pairing), name="mirror")
 
@@ -236,31 +235,20 @@ class Shadow:
             sent, extra = self.copy_headers(headers, backend)
             response = await send(self.pools[backend], method, path_qs, sent, body, extra)
         except UpstreamError as exc:
-            return Measurement(None, (time.monotonic() - started) * 1000, None, 0, None, False,
-                               None, exc.kind), None
+            return no_answer(exc.kind, (time.monotonic() - started) * 1000), None
         tee = tee_for(response.headers, telemetry, True)
         first_byte, error = None, None
-        whole = response.take()  # usually the whole answer came with its head
         try:
-            if whole is not None:
-                first_byte = time.monotonic() if whole else None
-                tee.feed(whole)
-            else:
-                while chunk := await response.next_chunk():
-                    first_byte = first_byte or time.monotonic()
-                    tee.feed(chunk)
+            while chunk := await response.next_chunk():
+                first_byte = first_byte or time.monotonic()
+                tee.feed(chunk)
         except WireError as exc:
             error = read_error(exc, backend)
         finally:
             response.close() if error else response.release()
-        document = tee.json()
-        # A whole answer ended as its first byte was seen; one read clock serves both.
-        ended = time.monotonic() if whole is None or first_byte is None else first_byte
-        seen = measure(None if error else response.status, response.headers, document,
-                       started=started, first_byte=first_byte, ended=ended,
-                       size=tee.size, telemetry=telemetry, error=error.kind if error else None,
-                       backend=backend)
-        return seen, document
+        return measure_tee(response.status, response.headers, tee, started=started,
+                           first_byte=first_byte, ended=time.monotonic(), telemetry=telemetry,
+                           error=error.kind if error else None, backend=backend)
 
     async def close(self, grace_s: float) -> None:
         """Running mirrors get `grace_s` to end; then the rest are cut and counted."""
@@ -310,17 +298,12 @@ class MirrorSink:
                                           pairing), name="mirror")
             return
         ended = time.monotonic()
-        if response is None or self.tee is None:
-            kind = upstream_error(error, "next_gen").kind if error else "bad_response"
-            shadow.ended(pairing, Measurement(None, (ended - self.started) * 1000, None, 0,
-                                              None, False, None, kind), None)
+        if response is None or self.tee is None:  # no head: h1 always says why
+            assert error is not None
+            shadow.ended(pairing, no_answer(error.kind, (ended - self.started) * 1000), None)
             return
-        tee = self.tee
-        document = tee.json()
-        seen = measure(None if error else response.status, response.headers, document,
-                       started=self.started, first_byte=self.first_byte, ended=ended,
-                       size=tee.size, telemetry=shadow.config.telemetry,
-                       error=read_error(error, "next_gen").kind if error else None,
-                       backend="next_gen")
-        shadow.ended(pairing, seen, document)
+        shadow.ended(pairing, *measure_tee(
+            response.status, response.headers, self.tee, started=self.started,
+            first_byte=self.first_byte, ended=ended, telemetry=shadow.config.telemetry,
+            error=read_error(error, "next_gen").kind if error else None, backend="next_gen"))
 

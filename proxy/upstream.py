@@ -88,10 +88,8 @@ def make_pool(backend: BackendConfig, *, timeout_s: float | None = None,
 async def send(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
                body: bytes | None, extra: tuple[tuple[str, str], ...] = ()) -> h1.Response:
     """Send a request and wait for the answer's head, within the backend's timeout."""
-    if not path_qs.startswith("/"):  # never let a target name another host
-        raise UpstreamError("bad_request", f"refused request target {path_qs[:50]!r}")
     try:
-        return await pool.client.request(method, pool.prefix + path_qs, headers, body, extra)
+        return await pool.client.request(method, target(pool, path_qs), headers, body, extra)
     except h1.WireError as exc:
         raise upstream_error(exc, pool.backend.name) from exc
 
@@ -100,12 +98,17 @@ def fire(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str], body:
          sink: h1.Sink, extra: tuple[tuple[str, str], ...] = ()) -> bool:
     """Send on an idle connection, the answer going to `sink` as it is parsed (h1.Pool.fire);
     False when none is idle (then use send())."""
-    if not path_qs.startswith("/"):  # never let a target name another host
-        raise UpstreamError("bad_request", f"refused request target {path_qs[:50]!r}")
     try:
-        return pool.client.fire(method, pool.prefix + path_qs, headers, body, sink, extra)
+        return pool.client.fire(method, target(pool, path_qs), headers, body, sink, extra)
     except h1.WireError as exc:
         raise upstream_error(exc, pool.backend.name) from exc
+
+
+def target(pool: Pool, path_qs: str) -> str:
+    """The request target on this backend (its URL's path prefix first)."""
+    if not path_qs.startswith("/"):  # never let a target name another host
+        raise UpstreamError("bad_request", f"refused request target {path_qs[:50]!r}")
+    return pool.prefix + path_qs
 
 
 def upstream_error(exc: h1.WireError, backend: str) -> UpstreamError:
