@@ -80,7 +80,8 @@ class Shadow:
         self.in_flight = 0
         self.closing = False
         self.cut = False  # past the shutdown grace
-        self.drained = asyncio.Event()  # set when closing and no mirror is in flight
+        self.drained = asyncio.Event()  # set while no mirror is in flight
+        self.drained.set()
 
     def copy_headers(self, headers: CIMultiDict[str],
                      backend: str) -> tuple[CIMultiDict[str], tuple[tuple[str, str], ...]]:
@@ -106,6 +107,8 @@ class Shadow:
             self.in_flight + 2 <= self.config.shadow.max_in_flight) and (
             self.chance() < self.config.shadow.baseline_sample)
         pairing = Pairing(self, method, path_qs, rid, baseline)
+        if not self.in_flight:
+            self.drained.clear()
         self.in_flight += 2 if baseline else 1
         if baseline:
             self.tasks.start(self.run(method, path_qs, headers, body, pairing), name="mirror")
@@ -152,7 +155,7 @@ class Shadow:
     def release(self, pairing: Pairing) -> None:
         """The mirror's request to next_gen is over: its in-flight slot is free."""
         self.in_flight -= 2 if pairing.baseline else 1
-        if self.closing and self.in_flight <= 0:
+        if not self.in_flight:
             self.drained.set()
 
     def refusal(self) -> str | None:
@@ -253,10 +256,9 @@ class Shadow:
     async def close(self, grace_s: float) -> None:
         """Running mirrors get `grace_s` to end; then the rest are cut and counted."""
         self.closing = True
-        if self.in_flight > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace_s):
-                    await self.drained.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await self.drained.wait()
         self.cut = True  # a mirror ending from here on is counted as shutdown
         await self.tasks.wait(0)
         for pool in self.pools.values():

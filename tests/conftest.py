@@ -187,6 +187,15 @@ class Running:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 
+    async def mirrors_settled(self, within: float = 10.0) -> None:
+        """Every mirror so far has ended, and was compared if its primary had answered. A
+        mirror holds its in-flight slot until then, whether it was sent on an idle
+        connection or as a task (Shadow.drained); TimeoutError past `within`."""
+        shadow = self.proxy.runtime.shadow
+        async with asyncio.timeout(within):
+            await shadow.drained.wait()
+        assert len(shadow.tasks) == 0
+
 
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path, data: dict[str, Any], *,

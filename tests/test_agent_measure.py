@@ -38,7 +38,7 @@ def shadow_config(fakes: dict[str, Backend], **sections: Any) -> dict[str, Any]:
 
 async def settled_trace(proxy: Running) -> list[dict[str, Any]]:
     """Every mirror finished (none cancelled), every trace line on disk; the lines."""
-    assert await proxy.proxy.runtime.shadow.tasks.wait(WAIT) == 0, "a mirror did not finish"
+    await proxy.mirrors_settled(WAIT)
     assert proxy.proxy.trace is not None
     await proxy.proxy.trace.flush()
     path = proxy.config.telemetry.trace_file

@@ -556,10 +556,10 @@ async def test_failing_requests_leak_no_tasks(tmp_path: Path,
 
         async with asyncio.timeout(40):
             await asyncio.gather(*(worker(10, n * 10) for n in range(20)))
-            assert await rt.shadow.tasks.wait(5) == 0
+            await proxy.mirrors_settled(5)
             background, before = len(rt.tasks), len(asyncio.all_tasks())
             await asyncio.gather(*(worker(100, n * 100) for n in range(20)))
-            assert await rt.shadow.tasks.wait(5) == 0
+            await proxy.mirrors_settled(5)
         assert len(rt.shadow.tasks) == 0
         assert rt.shadow.in_flight == 0
         assert len(rt.tasks) == background

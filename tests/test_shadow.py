@@ -34,8 +34,7 @@ def shadow_config(fakes: dict[str, Backend], next_gen: str | None = None,
 
 async def settled_trace(proxy: Running) -> list[dict[str, Any]]:
     """Every mirror finished (none cancelled), every trace line on disk; the lines."""
-    shadow = proxy.proxy.runtime.shadow
-    assert await shadow.tasks.wait(10) == 0, "a mirror did not finish"
+    await proxy.mirrors_settled()
     assert proxy.proxy.trace is not None
     await proxy.proxy.trace.flush()
     path = proxy.config.telemetry.trace_file
@@ -469,9 +468,11 @@ async def test_a_mirror_done_before_legacy_answers_is_compared_when_legacy_does(
                                            headers={"X-Request-Id": "first-mirror"}))
         try:
             await backends["next_gen"].wait_for(1)
-            assert await shadow.tasks.wait(5) == 0  # the mirror ended, legacy still thinks
+            await proxy.mirrors_settled(5)  # the mirror ended while legacy still thinks
+            assert shadow.in_flight == 0
             assert proxy.metric("rollout_shadow_in_flight") == 0
             assert proxy.metric("rollout_shadow_comparisons_total", result="match") == 0
+            assert proxy.metric("rollout_shadow_comparisons_total", result="mismatch") == 0
         finally:
             release.set()
         status, body, _ = await answer
