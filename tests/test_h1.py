@@ -144,8 +144,9 @@ def always(data: bytes) -> Script:
 # Fixtures and helpers ----------------------------------------------------------------------
 
 
-@pytest.fixture
-async def raw() -> AsyncIterator[Callable[[Script], Awaitable[RawBackend]]]:
+@contextlib.asynccontextmanager
+async def raw_backends() -> AsyncIterator[Callable[[Script], Awaitable[RawBackend]]]:
+    """Start RawBackends playing scripts; all stopped on the way out."""
     made: list[RawBackend] = []
 
     async def start(script: Script) -> RawBackend:
@@ -154,24 +155,41 @@ async def raw() -> AsyncIterator[Callable[[Script], Awaitable[RawBackend]]]:
         made.append(backend)
         return backend
 
-    yield start
-    for backend in made:
-        await backend.stop()
+    try:
+        yield start
+    finally:
+        for backend in made:
+            await backend.stop()
 
 
-@pytest.fixture
-async def pools() -> AsyncIterator[Callable[..., h1.Pool]]:
+@contextlib.asynccontextmanager
+async def pool_maker(default_timeout_s: float) -> AsyncIterator[Callable[..., h1.Pool]]:
+    """Make pools to 127.0.0.1 ports; all closed on the way out."""
     made: list[h1.Pool] = []
 
-    def make(port: int, *, limit: int = 0, timeout_s: float = 2.0) -> h1.Pool:
+    def make(port: int, *, limit: int = 0, timeout_s: float = default_timeout_s) -> h1.Pool:
         pool = h1.Pool("127.0.0.1", port, limit=limit, connect_timeout_s=1.0,
                        timeout_s=timeout_s)
         made.append(pool)
         return pool
 
-    yield make
-    for pool in made:
-        await pool.close()
+    try:
+        yield make
+    finally:
+        for pool in made:
+            await pool.close()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Callable[[Script], Awaitable[RawBackend]]]:
+    async with raw_backends() as start:
+        yield start
+
+
+@pytest.fixture
+async def pools() -> AsyncIterator[Callable[..., h1.Pool]]:
+    async with pool_maker(2.0) as make:
+        yield make
 
 
 async def fetch(pool: h1.Pool, target: str = "/", method: str = "GET",

@@ -19,7 +19,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy import h1
-from tests.test_h1 import Peer, RawBackend, Script, answer
+from tests.test_h1 import Peer, RawBackend, Script, answer, pool_maker, raw_backends
 
 TIMEOUT_S = 0.3  # the pools' timeout_s: short, so the file runs in a few seconds
 PAUSE_S = 0.12  # a pause in an answer that must not trip TIMEOUT_S
@@ -110,32 +110,14 @@ async def turns(count: int = 10) -> None:
 
 @pytest.fixture
 async def raw() -> AsyncIterator[Start]:
-    made: list[RawBackend] = []
-
-    async def start(script: Script) -> RawBackend:
-        backend = RawBackend(script)
-        await backend.start()
-        made.append(backend)
-        return backend
-
-    yield start
-    for backend in made:
-        await backend.stop()
+    async with raw_backends() as start:
+        yield start
 
 
 @pytest.fixture
 async def pools() -> AsyncIterator[MakePool]:
-    made: list[h1.Pool] = []
-
-    def make(port: int, *, limit: int = 0, timeout_s: float = TIMEOUT_S) -> h1.Pool:
-        pool = h1.Pool("127.0.0.1", port, limit=limit, connect_timeout_s=1.0,
-                       timeout_s=timeout_s)
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        await pool.close()
+    async with pool_maker(TIMEOUT_S) as make:
+        yield make
 
 
 async def warmed(peer: Peer) -> bool:
@@ -171,6 +153,12 @@ def serve_after_warm(*script: bytes) -> Script:
             peer.send(data)
         await peer.client_gone()
     return play
+
+
+async def silent_after_warm(peer: Peer) -> None:
+    """Warm, then read the next request and never answer it (the backend still works on it)."""
+    if await warmed(peer) and await peer.request():
+        await peer.client_gone()
 
 
 # A whole answer ----------------------------------------------------------------------------
@@ -467,12 +455,7 @@ async def test_a_request_waiting_for_the_limit_gets_the_connection_a_fired_answe
 
 async def test_no_head_within_timeout_is_a_timeout_and_the_connection_is_dropped(
         raw: Start, pools: MakePool) -> None:
-    async def play(peer: Peer) -> None:
-        await warmed(peer)
-        await peer.request()
-        await peer.client_gone()  # never answers
-
-    backend = await raw(play)
+    backend = await raw(silent_after_warm)
     pool = pools(backend.port)
     conn = await idle_connection(pool)
     sink = Recorder()
@@ -587,12 +570,7 @@ async def test_a_stalled_fired_request_times_out_without_cutting_a_trickling_one
 
 async def test_a_sink_firing_again_from_a_timeout_keeps_one_sweep(
         raw: Start, pools: MakePool) -> None:
-    async def play(peer: Peer) -> None:
-        await warmed(peer)
-        await peer.request()
-        await peer.client_gone()  # never answers
-
-    backend = await raw(play)
+    backend = await raw(silent_after_warm)
     pool = pools(backend.port)
     warm = await asyncio.gather(*(pool.request("GET", "/warm", CIMultiDict(), None)
                                   for _ in range(2)))
@@ -814,12 +792,7 @@ async def test_sink_raising_mid_answer_hears_done_once_and_the_connection_is_dro
 
 async def test_pool_close_while_a_fired_request_waits_for_its_head(
         raw: Start, pools: MakePool) -> None:
-    async def play(peer: Peer) -> None:
-        await warmed(peer)
-        await peer.request()
-        await peer.client_gone()  # answers nothing
-
-    backend = await raw(play)
+    backend = await raw(silent_after_warm)
     pool = pools(backend.port, timeout_s=5.0)
     conn = await idle_connection(pool)
     sink = Recorder()
@@ -857,12 +830,7 @@ async def test_pool_close_mid_body_ends_the_answer_with_an_error(
 
 async def test_pool_close_while_a_fired_request_waits_is_no_retry(
         raw: Start, pools: MakePool) -> None:
-    async def play(peer: Peer) -> None:
-        await warmed(peer)
-        await peer.request()
-        await peer.client_gone()  # still working on it: the request may well have run
-
-    backend = await raw(play)
+    backend = await raw(silent_after_warm)
     pool = pools(backend.port, timeout_s=5.0)
     conn = await idle_connection(pool)
     sink = Recorder()
