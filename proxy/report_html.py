@@ -41,6 +41,7 @@ MISMATCH: Final = "#e15759"
 ERROR: Final = "#8c4fa0"
 GOAL: Final = "#8a94a6"
 DAY_S: Final = 86400
+PATH_SECTIONS: Final = ("diff-paths", "noise-paths")  # ids, in path_rows' order
 
 CSS: Final = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;padding:0 16px;max-width:1180px;
@@ -299,10 +300,13 @@ def _cost(summary: Summary, status: StatusFigures | None) -> list[str]:
 
 
 def _paths(summary: Summary) -> list[str]:
+    """One section per path_rows table. Its first column says "JSON path": these are fields
+    of the answers' bodies, not the request paths of the tables above."""
     parts = []
-    for label, share, rows in path_rows(summary):
-        parts += [f"<h2>{escape(label[0].upper() + label[1:])}</h2>",
-                  table(["path", "comparisons", share], rows) if rows else "<p>none</p>"]
+    for section, (label, share, rows) in zip(PATH_SECTIONS, path_rows(summary), strict=True):
+        body = table(["JSON path", "comparisons", share], rows) if rows else "<p>none</p>"
+        parts.append(f'<section id="{section}"><h2>{escape(label[0].upper() + label[1:])}'
+                     f"</h2>{body}</section>")
     return parts
 
 

@@ -170,6 +170,67 @@ def test_top_differing_and_noise_paths_with_counts() -> None:
     assert "Noise path (left out of mismatch)" in page and "<td>created</td>" in page
 
 
+def html_section(page: str, section: str) -> str:
+    """The HTML between <section id=...> and its </section>; the test fails without one."""
+    start = page.index(f'<section id="{section}">')
+    return page[start:page.index("</section>", start)]
+
+
+def path_trace(tmp_path: Path, diff: str = "result", noise: str = "created") -> Path:
+    """10 comparisons: 3 differ at `diff`, 5 match with `noise` left out, 2 plain matches."""
+    entries: list[dict[str, Any] | str] = [
+        line(i, match={"result": "mismatch", "shape": False, "diff": [diff]}) for i in range(3)]
+    entries += [line(10 + i, match={"noise": [noise]}) for i in range(5)]
+    entries += [line(20 + i) for i in range(2)]
+    return write(tmp_path / "t.jsonl", entries)
+
+
+def test_html_names_the_differing_field_and_the_noise_field_in_their_sections(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    page = tmp_path / "report.html"
+    code, _, _ = run(["report", str(path_trace(tmp_path)), "--html", str(page)], capsys)
+    assert code in (0, 1)
+    html = page.read_text(encoding="utf-8")
+    differs, noise = html_section(html, "diff-paths"), html_section(html, "noise-paths")
+    assert "<h2>Path that differs most</h2>" in differs
+    assert "<th>JSON path</th><th>comparisons</th><th>of mismatches</th>" in differs
+    assert "<td>result</td><td class=n>3</td><td class=n>100.0 %</td>" in differs
+    assert "<h2>Noise path (left out of mismatch)</h2>" in noise
+    assert "<th>JSON path</th><th>comparisons</th><th>of comparisons</th>" in noise
+    assert "<td>created</td><td class=n>5</td><td class=n>50.0 %</td>" in noise
+    assert "created" not in differs and "<td>result</td>" not in noise
+
+
+def test_html_path_sections_match_the_text_report(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = str(path_trace(tmp_path))
+    _, text, _ = run(["report", trace], capsys)
+    run(["report", trace, "--html", str(tmp_path / "r.html")], capsys)
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    for section, header in (("diff-paths", "path that differs most"),
+                            ("noise-paths", "noise path (left out of mismatch)")):
+        rows = text.split(f"\n{header} ")[1].split("\n\n")[0].splitlines()[1:]
+        cells = [row.split(maxsplit=2) for row in rows]
+        assert cells and all(f"<td>{p}</td><td class=n>{n}</td><td class=n>{share}</td>"
+                             in html_section(html, section) for p, n, share in cells)
+
+
+def test_html_escapes_the_json_paths_from_the_trace(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    trace = path_trace(tmp_path, diff="steps[<blink>].selector", noise='meta."<marquee>"')
+    run(["report", str(trace), "--html", str(tmp_path / "r.html")], capsys)
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "<blink>" not in html and "<marquee>" not in html
+    assert "<td>steps[&lt;blink&gt;].selector</td>" in html_section(html, "diff-paths")
+    assert "<td>meta.&quot;&lt;marquee&gt;&quot;</td>" in html_section(html, "noise-paths")
+
+
+def test_html_says_none_for_a_trace_without_differing_or_noise_paths() -> None:
+    page = render_html(summary_of([line(i) for i in range(3)]))
+    assert "<p>none</p>" in html_section(page, "diff-paths")
+    assert "<p>none</p>" in html_section(page, "noise-paths")
+
+
 # --- the user targets, from a status document -------------------------------------------
 
 
