@@ -176,7 +176,8 @@ async def test_streamed_usage_and_ttft_agree_in_trace_metrics_status_and_report(
             pytest.approx(side["cost_usd"], rel=1e-9)
         figures = status_doc["backends"][backend]
         assert figures["mean_tokens"] == side["tokens"]
-        assert figures["p50_ms"] == pytest.approx(side["time_ms"], abs=1e-3)
+        # the guards read times from 2 % bins: within 1 % of the exact time
+        assert figures["p50_ms"] == pytest.approx(side["time_ms"], rel=0.01)
         assert figures["mean_cost_usd"] == pytest.approx(side["cost_usd"], rel=1e-9)
     assert sample(scrape, "rollout_shadow_comparisons_total", result="match") == 1
 
