@@ -245,7 +245,7 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
                     for name, backend in config.backends.items()}
     budget = SpendBudget(config.shadow.tokens_per_hour, config.shadow.usd_per_hour,
                          rt.monotonic)
-    rt.shadow = Shadow(config, shadow_pools, rt.metrics, proxy.trace, rt.windows_add, budget)
+    rt.shadow = Shadow(config, shadow_pools, rt.metrics, proxy.trace, rt.recorded, budget)
     rt.metrics.track_in_flight(lambda: rt.shadow.in_flight, rt.metrics.shadow_in_flight)
     if proxy.trace is not None:
         rt.tasks.spawn(proxy.trace.run(), name="trace-writer")
@@ -255,6 +255,7 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
         rt.tasks.spawn(rt.capture.run(), name="capture")
     rt.tasks.spawn(keep_users(rt, users_file(config)), name="active-users")
     rt.tasks.spawn(proxy.control.run(), name="control-loop")
+    rt.tasks.spawn(proxy.control.watch_state(), name="state-watch")
     proxy.control.tick()
 
     server = web.Server(proxy.handler, access_log=None, keepalive_timeout=75,

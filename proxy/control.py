@@ -2,14 +2,19 @@
 
 Rules:
 1. Every change is one structured log line, counted, and saved before it takes effect.
-2. A guard trip with `action: rollback` sets a rollback override that stays until a person
-   calls promote or reset: no flapping. With `action: alert` only the webhook is called.
+2. A guard is judged when an answer of next_gen is recorded (`answered`), when a complaint is
+   counted, and on every tick (for windows that age). A trip with `action: rollback` sets a
+   rollback override, saved with the trip in one write, that stays until a person calls
+   set-percentage or reset: no flapping. With `action: alert` only the webhook is called, once
+   per trip: the guard re-arms once a tick finds it back under its limit.
 3. While a rollback is in force, promote is refused (409): a promote never undoes a guard.
 4. A reload is parse, validate, swap one reference; a bad file changes nothing.
+5. A change another process saved (a worker, a replica) is adopted within STATE_POLL_S.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -22,12 +27,13 @@ import aiohttp
 from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
 from proxy.config import Config, ConfigError, load_config
-from proxy.guards import Verdict, judge
+from proxy.guards import Verdict, crossed, judge
 from proxy.runtime import Runtime
 from proxy.state import Override, due_steps, next_phase, rolled_back
 
 log = logging.getLogger("rollout_proxy")
 MAX_COMPLAINTS = 10_000  # kept in the shared state: an hour's worth at most
+STATE_POLL_S = 0.02  # how soon a trip (or any change) in one process reaches the others
 
 
 class Refused(Exception):
@@ -43,6 +49,7 @@ class Controller:
         self.verdicts: list[Verdict] = []
         self.file_stamp = self._stamp()
         self.waiting_reason = ""
+        runtime.on_next_gen_answer = self.answered
 
     # Actions (admin API and CLI) -----------------------------------------------------------
 
@@ -54,9 +61,11 @@ class Controller:
                              **fields}))
 
     def rollback(self, reason: str, by: str, percentage: float | None = None,
-                 trigger: str = "manual", over_s: float | None = None) -> None:
+                 trigger: str = "manual", over_s: float | None = None,
+                 tripped: tuple[str, ...] = ()) -> None:
         """Roll back now, or step the percentage down over `over_s` (manual ones only:
-        a guard's rollback is always immediate). A second rollback cancels a ramp."""
+        a guard's rollback is always immediate). A second rollback cancels a ramp.
+        A guard's rollback is saved with the guards it trips: one write."""
         plan = self.rt.plan
         current = 100.0 if plan.phase in ("default", "sunset") else (
             plan.percentage if plan.phase == "progressive" else 0.0)
@@ -72,7 +81,8 @@ class Controller:
         ramp_from = start if over_s > 0 and start > (percentage or 0.0) else None
         override = Override("rollback", phase, percentage, reason, by, self.rt.stamp(),
                             ramp_from=ramp_from, ramp_s=over_s if ramp_from is not None else 0.0)
-        self.rt.save(replace(self.rt.stored, override=override))
+        self.rt.save(replace(self.rt.stored, override=override,
+                             tripped=(*self.rt.stored.tripped, *tripped)))
         self.rt.metrics.rollbacks.labels(trigger).inc()
         self.change("rollback", by, reason=reason, trigger=trigger)
 
@@ -144,6 +154,9 @@ class Controller:
         tickets = dict(days[-self.rt.config.telemetry.active_users_days:])
         self.rt.save(replace(stored, complaints=(*kept, (now, backend)), tickets=tickets))
         self.rt.metrics.complaints.labels(backend).inc()
+        if backend == "next_gen":  # the complaint that crosses the limit trips it, now
+            self.verdicts = self.judge()
+            self.act_on(self.verdicts)
 
     def feedback(self, backend: str, score: int, migrated: bool | None) -> None:
         stored = self.rt.stored
@@ -167,6 +180,26 @@ class Controller:
                 self.tick()
             except Exception:  # the loop must live on; the error is logged each time
                 log.exception("control tick failed")
+
+    async def watch_state(self) -> None:
+        """Adopt other processes' changes (a guard's rollback above all) within STATE_POLL_S:
+        a stat of the state file, or a look at what Redis's pub/sub brought."""
+        while True:
+            await asyncio.sleep(STATE_POLL_S)  # a polling period, not a wait for a condition
+            try:
+                self.sync_state()
+            except Exception:
+                log.exception("state sync failed")
+
+    def answered(self) -> None:
+        """An answer of next_gen was just recorded: if it pushed an armed guard past its
+        limit, judge them all and act now, before the next request is routed."""
+        guards, windows = self.rt.config.guards, self.rt.windows
+        tripped = self.rt.stored.tripped
+        if crossed(guards, windows.side("next_gen"), windows.side("legacy"),
+                   lambda guard: guard not in tripped):
+            self.verdicts = self.judge()
+            self.act_on(self.verdicts)
 
     def tick(self) -> None:
         self.rt.now = self.rt.clock()
@@ -207,23 +240,40 @@ class Controller:
         return verdicts
 
     def act_on(self, verdicts: list[Verdict]) -> None:
-        tripped = [v for v in verdicts if v.state == "tripped"]
-        fresh = [v for v in tripped if v.guard not in self.rt.stored.tripped]
-        if not fresh:
-            return
         guards = self.rt.config.guards
+        if guards.action == "alert":
+            self.rearm(verdicts)
+        tripped = [v for v in verdicts if v.state == "tripped"]
+        if not [v for v in tripped if v.guard not in self.rt.stored.tripped]:
+            return
         if guards.action == "rollback" and self.rt.plan.phase == "legacy":
             return  # nothing to roll back now: stay armed for when the rollout resumes
-        self.rt.save(replace(self.rt.stored,
-                             tripped=(*self.rt.stored.tripped, *(v.guard for v in fresh))))
-        first = fresh[0]
-        if guards.action == "rollback" and self.rt.plan.phase != "legacy":
-            self.rollback(f"guard {first.guard}: {first.detail}", "guard", trigger=first.guard)
+        with self.rt.store.locked():  # another worker may have tripped it first
+            self.sync_state()
+            fresh = [v for v in tripped if v.guard not in self.rt.stored.tripped]
+            if not fresh:
+                return
+            names = tuple(v.guard for v in fresh)
+            first = fresh[0]
+            if guards.action == "rollback" and self.rt.plan.phase != "legacy":
+                self.rollback(f"guard {first.guard}: {first.detail}", "guard",
+                              trigger=first.guard, tripped=names)
+            else:
+                self.rt.save(replace(self.rt.stored, tripped=(*self.rt.stored.tripped, *names)))
         for verdict in fresh:
+            self.rt.metrics.guard_state.labels(verdict.guard).set(1)
             log.warning(json.dumps({"event": "guard_tripped", **verdict.as_json(),
                                     "action": guards.action}))
         if guards.webhook:
             self.rt.tasks.spawn(self.notify(guards.webhook, fresh), name="webhook")
+
+    def rearm(self, verdicts: list[Verdict]) -> None:
+        """`action: alert`: a guard back under its limit (or waiting) may alert again."""
+        stored = self.rt.stored
+        calm = {v.guard for v in verdicts if v.state != "tripped"} & set(stored.tripped)
+        if calm and not rolled_back(stored):
+            self.rt.save(replace(stored, tripped=tuple(g for g in stored.tripped
+                                                       if g not in calm)))
 
     async def notify(self, url: str, verdicts: list[Verdict]) -> None:
         body = {"event": "rollout_guard_tripped", "action": self.rt.config.guards.action,

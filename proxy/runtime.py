@@ -81,6 +81,7 @@ class Runtime:
         self.users: Any = None  # proxy.users.ActiveUsers, set by app
         self.capture: Capture | None = None  # usage patterns, when telemetry.capture is set
         self.on_plan_change: list[Callable[[], None]] = []
+        self.on_next_gen_answer: Callable[[], None] = lambda: None  # the guards judge it
         self.refresh()
 
     async def start(self) -> None:
@@ -208,22 +209,26 @@ class Runtime:
         if backend == "next_gen":
             self.breaker.record(False)
         self.metrics.errored(backend, role)
-        self.windows.add(backend, no_answer(exc.kind))
+        self.recorded(backend, no_answer(exc.kind))
         log.warning(json.dumps({"event": "upstream_error", "backend": backend, "role": role,
                                 "kind": exc.kind, "detail": exc.detail}))
 
     def metrics_answered(self, answer: Answer, status: int) -> None:
         seconds = self.monotonic() - answer.started
         self.metrics.answered(answer.backend, answer.role, status, seconds, None, None)
-        self.windows.add(answer.backend, Measurement(status, seconds * 1000, None, 0, None,
-                                                     status < 500, None))
+        self.recorded(answer.backend, Measurement(status, seconds * 1000, None, 0, None,
+                                                  status < 500, None))
 
     def record(self, answer: Answer, seen: Measurement) -> None:
         self.metrics.measured(answer.backend, answer.role, seen)
-        self.windows.add(answer.backend, seen)
+        self.recorded(answer.backend, seen)
 
-    def windows_add(self, backend: str, seen: Measurement) -> None:
+    def recorded(self, backend: str, seen: Measurement) -> None:
+        """Every answer a backend gave (primary, fallback, mirror) enters its window here;
+        one of next_gen's is judged at once, so the answer that crosses a guard trips it."""
         self.windows.add(backend, seen)
+        if backend == "next_gen":
+            self.on_next_gen_answer()
 
     def backend_of_user(self, user: str) -> str:
         """The backend a request from this user (no opt header) would get now."""

@@ -107,6 +107,7 @@ class FileStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.stamp: tuple[int, int] | None = None
+        self.depth = 0  # locked() is re-entrant: a guard may trip inside an admin change
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -133,12 +134,17 @@ class FileStore:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """An exclusive flock beside the state file (workers of one machine share it)."""
+        if self.depth:  # this process holds it already (a second flock would wait forever)
+            yield
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{self.path}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            self.depth += 1
             try:
                 yield
             finally:
+                self.depth -= 1
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def poll(self) -> Stored | None:
