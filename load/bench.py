@@ -1,7 +1,7 @@
 """`make bench`: rollout-proxy against direct, nginx, haproxy and a minimal aiohttp proxy.
 
 Interleaved rounds, the proxies pinned to core 0 and the load generator and backends to
-core 1. `--scenario slow5000|soak|sse|flaky` runs the other benchmarks instead.
+core 1. `--scenario slow5000|soak|sse|flaky|guard` runs the other benchmarks instead.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any
 
 import uvloop
 
-from load import checks, procs, reference, rollout, scenarios, targets
+from load import checks, guard, procs, reference, rollout, scenarios, targets
 from load.measure import Load, wrk_available
 from load.output import Report, header, placement, skipped_text, tool_text
 from load.procs import raise_fd_limit
 from load.rounds import Plan, Summary, format_table, run_rounds, say, summarise
 
-SCENARIOS = ("throughput", "slow5000", "soak", "sse", "flaky")
+SCENARIOS = ("throughput", "slow5000", "soak", "sse", "flaky", "guard")
 ALL_TARGETS = ("direct", "legacy", "shadow", "progressive", "nginx", "haproxy", "minimal")
 
 
@@ -131,6 +131,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Plan, Path], Awaitable[Report]]
     "soak": scenarios.soak,
     "sse": scenarios.sse,
     "flaky": scenarios.flaky,
+    "guard": guard.guard,
 }
 
 
