@@ -132,6 +132,7 @@ class LimitsConfig:
     max_in_flight: int
     trusted_hops: int
     drain_timeout_s: float
+    max_header_bytes: int = 65536  # a backend's answer head (and its trailers), h1 rule 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,9 +516,11 @@ def read_limits(s: Section) -> LimitsConfig:
         max_in_flight=int(s.number("max_in_flight", 10_000, low=1, integer=True) or 10_000),
         trusted_hops=int(s.number("trusted_hops", 0, low=0, integer=True) or 0),
         drain_timeout_s=s.number("drain_timeout_s", 30, low=0) or 0.0,
+        max_header_bytes=int(s.number("max_header_bytes", 65536, low=1024, integer=True)
+                             or 65536),
     )
     s.close(["max_body_bytes", "header_timeout_s", "max_in_flight", "trusted_hops",
-             "drain_timeout_s"])
+             "drain_timeout_s", "max_header_bytes"])
     return result
 
 
