@@ -253,6 +253,7 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
                          rt.monotonic)
     rt.shadow = Shadow(config, shadow_pools, rt.metrics, proxy.trace, rt.windows_add, budget)
     rt.metrics.track_in_flight(lambda: rt.shadow.in_flight, rt.metrics.shadow_in_flight)
+    rt.metrics.track_in_flight(lambda: rt.shadow.held_bytes, rt.metrics.shadow_held)
     if proxy.trace is not None:
         rt.tasks.spawn(proxy.trace.run(), name="trace-writer")
     rt.users = await load_users(config, rt)

@@ -102,6 +102,7 @@ class ShadowConfig:
     tokens_per_hour: float | None = None
     usd_per_hour: float | None = None
     baseline_sample: float = 0.0
+    max_held_bytes: int = 64 * 2**20  # answers parked until their other half ends (shadow.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,9 +458,10 @@ def read_shadow(s: Section) -> ShadowConfig:
         headers=header_map(s, "headers"),
         tokens_per_hour=tokens_per_hour, usd_per_hour=usd_per_hour,
         baseline_sample=baseline,
+        max_held_bytes=int(s.number("max_held_bytes", 64 * 2**20, low=0, integer=True) or 0),
     )
     s.close(["sample", "max_in_flight", "timeout_s", "compare", "methods", "exclude_paths",
-             "headers", "budget"])
+             "headers", "budget", "max_held_bytes"])
     return result
 
 

@@ -80,6 +80,9 @@ class Metrics:
         self.shadow_in_flight = Gauge("rollout_shadow_in_flight", "Mirrors running now",
                                       multiprocess_mode="livesum",
                                       registry=r)
+        self.shadow_held = Gauge("rollout_shadow_held_bytes",
+                                 "Bytes of answers parked until their shadow comparison",
+                                 multiprocess_mode="livesum", registry=r)
         self.fallbacks = Counter("rollout_fallbacks", "Requests legacy answered for next_gen",
                                  ["reason"], registry=r)
         latest: Final = "mostrecent"  # with --workers, a gauge every worker sets alike
@@ -143,7 +146,7 @@ class Metrics:
                 for klass in CODE_CLASSES:
                     self._children[(backend, role, klass)] = self.requests.labels(
                         backend, role, klass)
-        for reason in ("overload", "shutdown", "budget"):
+        for reason in ("overload", "shutdown", "budget", "held_bytes"):
             self.shadow_dropped.labels(reason)
         for phase in PHASES:
             self.phase.labels(phase).set(0)

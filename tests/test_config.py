@@ -107,6 +107,7 @@ def test_minimal_config_gets_the_spec_defaults() -> None:
     assert config.limits.max_body_bytes == 10_485_760
     assert config.limits.drain_timeout_s == 30
     assert config.limits.max_header_bytes == 65536
+    assert config.shadow.max_held_bytes == 64 * 2**20
 
 
 # Every problem at once, with key path and line ----------------------------------------------
@@ -217,6 +218,7 @@ def test_wrong_type_is_refused_naming_key_and_value(path: str, value: Any, messa
     ("backends.legacy.timeout_s", 0, "must be above 0, got 0"),
     ("limits.max_in_flight", 0, "must be at least 1, got 0"),
     ("limits.max_header_bytes", 100, "must be at least 1024, got 100"),
+    ("shadow.max_held_bytes", -1, "must be at least 0, got -1"),
     ("listen", "127.0.0.1:70000", "must be HOST:PORT, got '127.0.0.1:70000'"),
 ])
 def test_out_of_range_value_is_refused_with_the_range(path: str, value: Any,
