@@ -193,11 +193,12 @@ def apply_config(runtime: Runtime, new: Config) -> None:
     """Swap in a validated config; requests in flight keep the one they started with."""
     old = runtime.config
     runtime.config = new
+    head_bytes = new.limits.max_header_bytes
     if new.backends != old.backends:
         for name, backend in new.backends.items():
             if backend != old.backends.get(name):
                 stale = runtime.pools[name]
-                runtime.pools[name] = make_pool(backend)
+                runtime.pools[name] = make_pool(backend, max_head_bytes=head_bytes)
                 runtime.tasks.spawn(close_later(stale, backend.timeout_s), name="pool-retire")
     if new.guards.window_s != old.guards.window_s:
         runtime.windows = Windows(new.guards.window_s, runtime.monotonic)
@@ -211,11 +212,15 @@ def apply_config(runtime: Runtime, new: Config) -> None:
             if backend != old.backends.get(name) or new.shadow != old.shadow:
                 stale = runtime.shadow.pools[name]
                 runtime.shadow.pools[name] = make_pool(backend, timeout_s=new.shadow.timeout_s,
-                                                       limit=max(1, new.shadow.max_in_flight))
+                                                       limit=max(1, new.shadow.max_in_flight),
+                                                       max_head_bytes=head_bytes)
                 runtime.tasks.spawn(close_later(stale, new.shadow.timeout_s),
                                     name="pool-retire")
         runtime.shadow.budget.tokens_cap = new.shadow.tokens_per_hour
         runtime.shadow.budget.usd_cap = new.shadow.usd_per_hour
+    shadow_pools = runtime.shadow.pools.values() if runtime.shadow is not None else ()
+    for pool in (*runtime.pools.values(), *shadow_pools):  # answers from now on
+        pool.client.max_head_bytes = head_bytes
     due = due_steps(new.rollout.schedule, runtime.stored, runtime.clock())
     runtime.applied = min(runtime.applied, due)  # the control loop applies the rest if allowed
     runtime.refresh()
@@ -241,12 +246,14 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
     rt.refresh()
     await rt.start()
     shadow_pools = {name: make_pool(backend, timeout_s=config.shadow.timeout_s,
-                                    limit=max(1, config.shadow.max_in_flight))
+                                    limit=max(1, config.shadow.max_in_flight),
+                                    max_head_bytes=config.limits.max_header_bytes)
                     for name, backend in config.backends.items()}
     budget = SpendBudget(config.shadow.tokens_per_hour, config.shadow.usd_per_hour,
                          rt.monotonic)
     rt.shadow = Shadow(config, shadow_pools, rt.metrics, proxy.trace, rt.recorded, budget)
     rt.metrics.track_in_flight(lambda: rt.shadow.in_flight, rt.metrics.shadow_in_flight)
+    rt.metrics.track_in_flight(lambda: rt.shadow.held_bytes, rt.metrics.shadow_held)
     if proxy.trace is not None:
         rt.tasks.spawn(proxy.trace.run(), name="trace-writer")
     rt.users = await load_users(config, rt)

@@ -102,6 +102,7 @@ class ShadowConfig:
     tokens_per_hour: float | None = None
     usd_per_hour: float | None = None
     baseline_sample: float = 0.0
+    max_held_bytes: int = 64 * 2**20  # answers parked until their other half ends (shadow.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +133,7 @@ class LimitsConfig:
     max_in_flight: int
     trusted_hops: int
     drain_timeout_s: float
+    max_header_bytes: int = 65536  # a backend's answer head (and its trailers), h1 rule 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,9 +458,10 @@ def read_shadow(s: Section) -> ShadowConfig:
         headers=header_map(s, "headers"),
         tokens_per_hour=tokens_per_hour, usd_per_hour=usd_per_hour,
         baseline_sample=baseline,
+        max_held_bytes=int(s.number("max_held_bytes", 64 * 2**20, low=0, integer=True) or 0),
     )
     s.close(["sample", "max_in_flight", "timeout_s", "compare", "methods", "exclude_paths",
-             "headers", "budget"])
+             "headers", "budget", "max_held_bytes"])
     return result
 
 
@@ -515,9 +518,11 @@ def read_limits(s: Section) -> LimitsConfig:
         max_in_flight=int(s.number("max_in_flight", 10_000, low=1, integer=True) or 10_000),
         trusted_hops=int(s.number("trusted_hops", 0, low=0, integer=True) or 0),
         drain_timeout_s=s.number("drain_timeout_s", 30, low=0) or 0.0,
+        max_header_bytes=int(s.number("max_header_bytes", 65536, low=1024, integer=True)
+                             or 65536),
     )
     s.close(["max_body_bytes", "header_timeout_s", "max_in_flight", "trusted_hops",
-             "drain_timeout_s"])
+             "drain_timeout_s", "max_header_bytes"])
     return result
 
 

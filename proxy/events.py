@@ -15,43 +15,78 @@ MAX_LINE = 1 << 20  # a longer line is not an event we measure; it is skipped
 
 
 class EventStream:
-    __slots__ = ("_buffer", "_data", "_size", "_skipping", "events", "last_json", "paths",
-                 "wanted")
+    __slots__ = ("_cr", "_data", "_open", "_open_size", "_size", "_skipping", "events",
+                 "last_json", "paths", "wanted")
 
     def __init__(self, wanted: tuple[tuple[str, ...], ...]) -> None:
         self.wanted = wanted  # JSON paths whose last value we keep
         self.paths: dict[tuple[str, ...], Any] = {}
-        self._buffer = b""
+        self._open: list[bytes] = []  # pieces of the line not ended yet, as they came
+        self._open_size = 0
+        self._cr = False  # the last chunk ended with CR: its line ended, unless an LF follows
         self._data: list[bytes] = []
         self._size = 0  # bytes in _data; an event past MAX_LINE is not one we measure
         self._skipping = False
         self.events = 0
         self.last_json: Any = None
 
+    @property
+    def held(self) -> int:
+        """Bytes kept for the line and the event not ended yet (each at most MAX_LINE)."""
+        return self._open_size + sum(map(len, self._data))
+
     def feed(self, chunk: bytes) -> None:
-        buffer = self._buffer + chunk if self._buffer else chunk
-        start = 0
-        while True:
-            end = _line_end(buffer, start)
+        """Only the new bytes are scanned: a long line in small pieces costs its length once,
+        not once per piece (the pieces are joined when it ends)."""
+        start, size = 0, len(chunk)
+        if self._cr:
+            self._cr = False
+            self._end_line(b"")
+            if chunk[:1] == b"\n":  # the second half of that CRLF
+                start = 1
+        while start < size:
+            end = _line_end(chunk, start)
             if end < 0:
-                break
-            line, start = buffer[start:end], end + (2 if buffer[end:end + 2] == b"\r\n" else 1)
-            if self._skipping:
-                self._skipping = False
-                continue
-            if len(line) <= MAX_LINE:
-                self._line(line)
-        rest = buffer[start:]
-        if len(rest) > MAX_LINE:  # keep a trailing CR: it may be half of this line's end
-            rest, self._skipping = rest[-1:] if rest.endswith(b"\r") else b"", True
-        self._buffer = rest
+                self._keep(chunk[start:] if start else chunk)
+                return
+            after = end + 1
+            if chunk[end] == 13:  # CR
+                if after == size:  # may be half of a CRLF: the next chunk says
+                    self._keep(chunk[start:end])
+                    self._cr = True
+                    return
+                if chunk[after] == 10:
+                    after += 1
+            self._end_line(chunk[start:end])
+            start = after
 
     def close(self) -> None:
         """End of stream: a final event without its blank line still counts."""
-        if self._buffer and not self._skipping:
-            self._line(self._buffer.removesuffix(b"\r"))
-        self._buffer, self._skipping = b"", False
+        if self._cr or self._open:
+            self._end_line(b"")
+        self._cr = self._skipping = False
         self._line(b"")
+
+    def _keep(self, piece: bytes) -> None:
+        """Part of a line that has not ended; past MAX_LINE the line is dropped, not kept."""
+        if self._skipping or not piece:
+            return
+        self._open_size += len(piece)
+        if self._open_size > MAX_LINE:
+            self._open, self._open_size, self._skipping = [], 0, True
+            return
+        self._open.append(piece)
+
+    def _end_line(self, tail: bytes) -> None:
+        if self._skipping:
+            self._skipping = False
+            return
+        line = tail
+        if self._open:
+            line = b"".join((*self._open, tail))
+            self._open, self._open_size = [], 0
+        if len(line) <= MAX_LINE:
+            self._line(line)
 
     def _line(self, line: bytes) -> None:
         if not line:
@@ -86,10 +121,9 @@ class EventStream:
 
 
 def _line_end(buffer: bytes, start: int) -> int:
+    """Where the first line end (CR or LF) at or after `start` is; -1 if none."""
     lf = buffer.find(b"\n", start)
     cr = buffer.find(b"\r", start, lf if lf >= 0 else len(buffer))
-    if cr >= 0 and cr + 1 == len(buffer):
-        return -1 if lf < 0 else cr  # a CR at the very end may be half of CRLF: wait
     return cr if cr >= 0 else lf
 
 

@@ -22,7 +22,7 @@ from tenacity.wait import wait_random_exponential
 from proxy.config import CircuitConfig, FallbackConfig
 from proxy.upstream import UpstreamError
 
-FIVE_XX_KINDS = frozenset({"reset", "bad_response"})
+FIVE_XX_KINDS = frozenset({"reset", "bad_response", "head_too_large"})
 
 
 def fallback_reason(config: FallbackConfig, error: UpstreamError | None,

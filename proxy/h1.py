@@ -23,6 +23,12 @@ Rules:
    exactly once that the answer ended or failed; its callbacks run inside the parser.
    Its head and the quiet between body pieces are bounded by timeout_s, checked by one
    sweep per pool every timeout_s / 8 (at most 1 s), not by a timer per request.
+7. An answer's head is bounded: at most `max_head_bytes` from the request until the final
+   head has ended (informational heads and the status line included) and MAX_HEADER_LINES
+   header lines, and its trailer section at most `max_head_bytes` too. Past that the
+   connection is closed and the answer fails as "head_too_large": the bytes are counted
+   before the parser sees them, since httptools joins a header value's pieces as they come
+   (an endless value would grow, quadratically, until timeout_s).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 HIGH_WATER = 256 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # limits.max_header_bytes' default (Envoy's is 60 KiB)
+MAX_HEADER_LINES = 100  # Envoy's max_headers_count; aiohttp allows a request 128
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # an empty body still says Content-Length: 0
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
@@ -45,7 +53,8 @@ log = logging.getLogger("rollout_proxy")
 
 
 class WireError(Exception):
-    """kind: connect_error (nothing was sent), timeout, reset, bad_response, truncated."""
+    """kind: connect_error (nothing was sent), timeout, reset, bad_response, truncated,
+    head_too_large (rule 7)."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
@@ -244,6 +253,11 @@ class Connection(asyncio.Protocol):
         self.sink: Sink | None = None  # Pool.fire's, until the answer's head comes
         self.last_data = 0.0  # with a sink: when the request went or the last piece came
         self.idempotent = False  # with a sink: may be sent again after a reset (rule 4)
+        self.head_bytes = 0  # read since the request, until the final head ended (rule 7)
+        self.header_lines = 0
+        self.trailing = 0  # 1: a chunk's size line ended; 2: no body since (rule 7)
+        self.trailer_bytes = 0
+        self.refused: WireError | None = None  # why on_header stopped the parser
 
     # asyncio.Protocol ----------------------------------------------------------------------
 
@@ -255,13 +269,61 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        if self.response is None:  # the head: counted before the parser holds any of it
+            if self.head_bytes + len(data) > self.pool.max_head_bytes:
+                self.head_past_bound(data)
+                return
+            self.head_bytes += len(data)
+        elif self.trailing:
+            self.trailer(data)
+            return
+        self.feed(data)
+
+    def feed(self, data: bytes | memoryview) -> bool:
+        """Parse; False when the answer failed (and the connection was closed)."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.failed(WireError("bad_response", "the backend switched protocols unasked"))
         except httptools.HttpParserError as exc:
-            self.failed(WireError("bad_response" if self.response is None else "truncated",
-                                  f"unparseable answer: {exc}"))
+            refused, self.refused = self.refused, None
+            self.failed(refused or WireError(
+                "bad_response" if self.response is None else "truncated",
+                f"unparseable answer: {exc}"))
+        else:
+            return True
+        return False
+
+    def head_past_bound(self, data: bytes) -> None:
+        """This read goes past max_head_bytes: what fits is parsed, and the rest only if
+        the head ended within it (it is a body that came with the head)."""
+        limit = self.pool.max_head_bytes
+        fits, view = limit - self.head_bytes, memoryview(data)
+        self.head_bytes = limit
+        if not self.feed(view[:fits]) or self.closed:
+            return
+        if self.response is None:
+            self.failed(WireError("head_too_large", f"the answer head is over {limit} bytes "
+                                  "(limits.max_header_bytes)"))
+            return
+        if self.trailing:
+            self.trailer(view[fits:])
+        else:
+            self.feed(view[fits:])
+
+    def trailer(self, data: bytes | memoryview) -> None:
+        """A read that began after a chunk's size line: if neither body nor another chunk
+        came of it, that was the last chunk and these bytes are its trailers (rule 7)."""
+        self.trailing = 2  # on_body and on_chunk_header change it
+        if not self.feed(data) or self.closed:
+            return
+        if self.trailing != 2:
+            self.trailer_bytes = 0
+            return
+        self.trailer_bytes += len(data)
+        if self.trailer_bytes > self.pool.max_head_bytes:
+            self.failed(WireError("head_too_large", f"the answer's trailers are over "
+                                  f"{self.pool.max_head_bytes} bytes (limits.max_header_bytes)"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -286,12 +348,19 @@ class Connection(asyncio.Protocol):
         if not self.expecting:  # a second answer nobody asked for, in the same read
             self.close()
             return
-        self.raw_headers, self.reason = [], b""
+        self.raw_headers, self.reason, self.header_lines = [], b"", 0
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.response is not None:  # a trailer: never forwarded, so not kept either
+            return
+        self.header_lines += 1
+        if self.header_lines > MAX_HEADER_LINES:
+            self.refused = WireError("head_too_large", f"the answer head has over "
+                                     f"{MAX_HEADER_LINES} header lines")
+            raise WireError("head_too_large", "")  # stops the parser; feed() reports it
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -322,7 +391,11 @@ class Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
 
+    def on_chunk_header(self) -> None:
+        self.trailing = 1  # the next read begins the chunk's data, or its trailers if last
+
     def on_body(self, body: bytes) -> None:
+        self.trailing = 0
         if self.expecting and self.response is not None and not self.response.done:
             self.response.feed(body)
 
@@ -330,7 +403,7 @@ class Connection(asyncio.Protocol):
         if (not self.expecting or self.informational or self.response is None
                 or self.response.done):
             return
-        self.expecting = False
+        self.expecting, self.trailing = False, 0
         self.response.finish(keep_alive=self.parser.should_keep_alive())
 
     # Used by the pool and the response -----------------------------------------------------
@@ -357,7 +430,7 @@ class Connection(asyncio.Protocol):
         """A new exchange: write the request (head and a small body in one write)."""
         assert self.transport is not None
         self.expecting, self.got_bytes, self.head_only = True, False, head_only
-        self.response = None
+        self.response, self.head_bytes, self.trailing, self.trailer_bytes = None, 0, 0, 0
         if body and len(body) <= 65536:
             self.transport.write(head + body)
         else:
@@ -429,8 +502,10 @@ class Pool:
 
     def __init__(self, host: str, port: int, *, limit: int, connect_timeout_s: float,
                  timeout_s: float, keepalive_s: float = 30.0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 max_head_bytes: int = MAX_HEAD_BYTES) -> None:
         self.host, self.port, self.tls = host, port, tls
+        self.max_head_bytes = max_head_bytes  # rule 7; set again when the config changes
         name = f"[{host}]" if ":" in host else host  # an IPv6 literal
         self.host_header = name if port == (443 if tls else 80) else f"{name}:{port}"
         self.limit, self.connect_timeout_s, self.timeout_s = limit, connect_timeout_s, timeout_s

@@ -27,6 +27,7 @@ MEMORY_BUCKETS = tuple(mb * MB for mb in (16, 32, 64, 128, 256, 512, 1024, 2048,
 COMPARISON_RESULTS = ("match", "mismatch", "error")
 TRACE_RESULTS = ("written", "dropped", "error")
 CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
+REFUSED_ANSWERS = ("head_too_large",)  # the error kinds of answers cut for passing a bound
 
 
 def code_class(status: int | None) -> str:
@@ -79,6 +80,9 @@ class Metrics:
         self.shadow_in_flight = Gauge("rollout_shadow_in_flight", "Mirrors running now",
                                       multiprocess_mode="livesum",
                                       registry=r)
+        self.shadow_held = Gauge("rollout_shadow_held_bytes",
+                                 "Bytes of answers parked until their shadow comparison",
+                                 multiprocess_mode="livesum", registry=r)
         self.fallbacks = Counter("rollout_fallbacks", "Requests legacy answered for next_gen",
                                  ["reason"], registry=r)
         latest: Final = "mostrecent"  # with --workers, a gauge every worker sets alike
@@ -113,6 +117,9 @@ class Metrics:
                                registry=r)
         self.rejected = Counter("rollout_rejected_requests", "Requests the proxy refused itself",
                                 ["reason"], registry=r)
+        self.rejected_answers = Counter("rollout_rejected_answers",
+                                        "Backend answers the proxy cut for passing a bound",
+                                        ["backend", "role", "reason"], registry=r)
         self.state_store_up = Gauge("rollout_state_store_up",
                                     "1 while the shared state store is reachable",
                                     multiprocess_mode=latest, registry=r)
@@ -129,6 +136,8 @@ class Metrics:
         for backend in BACKENDS:
             self.circuit.labels(backend).set(0)
             for role in ROLES:
+                for reason in REFUSED_ANSWERS:
+                    self.rejected_answers.labels(backend, role, reason)
                 if self.hot is not None:
                     continue
                 self._durations[(backend, role)] = self.duration.labels(backend, role)
@@ -137,7 +146,7 @@ class Metrics:
                 for klass in CODE_CLASSES:
                     self._children[(backend, role, klass)] = self.requests.labels(
                         backend, role, klass)
-        for reason in ("overload", "shutdown", "budget"):
+        for reason in ("overload", "shutdown", "budget", "held_bytes"):
             self.shadow_dropped.labels(reason)
         for phase in PHASES:
             self.phase.labels(phase).set(0)
@@ -168,13 +177,18 @@ class Metrics:
                 self._ttfb[(backend, role)].observe(seen.ttft_ms / 1000)
         if seen.cost_usd:
             self.cost.labels(backend, role).inc(seen.cost_usd)
+        if seen.error is not None and seen.error in REFUSED_ANSWERS:
+            self.rejected_answers.labels(backend, role, seen.error).inc()
 
-    def errored(self, backend: str, role: str) -> None:
-        """A backend gave no answer at all (refused, reset, timed out before its head)."""
+    def errored(self, backend: str, role: str, kind: str | None = None) -> None:
+        """A backend gave no answer at all (refused, reset, timed out before its head, or a
+        head past its bound: `kind`)."""
         if self.hot is not None:
             self.hot.requests[(backend, role, "error")] += 1
         else:
             self._children[(backend, role, "error")].inc()
+        if kind in REFUSED_ANSWERS:
+            self.rejected_answers.labels(backend, role, kind).inc()
 
     def show_plan(self, phase: str, percentage: float, paused: bool) -> None:
         for name in PHASES:

@@ -26,7 +26,8 @@ class Measurement:
     tokens: float | None
     success: bool | None
     memory_mb: float | None
-    error: str | None = None  # connect_error, timeout, reset, truncated, bad_response
+    error: str | None = None  # connect_error, timeout, reset, truncated, bad_response,
+    #   head_too_large
     cost_usd: float | None = None
 
     def trace_fields(self) -> dict[str, Any]:

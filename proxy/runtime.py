@@ -86,7 +86,8 @@ class Runtime:
 
     async def start(self) -> None:
         for name, backend in self.config.backends.items():
-            self.pools[name] = make_pool(backend)
+            self.pools[name] = make_pool(
+                backend, max_head_bytes=self.config.limits.max_header_bytes)
 
     async def close(self) -> None:
         for pool in self.pools.values():
@@ -208,7 +209,7 @@ class Runtime:
     def failed(self, backend: str, role: str, exc: UpstreamError) -> None:
         if backend == "next_gen":
             self.breaker.record(False)
-        self.metrics.errored(backend, role)
+        self.metrics.errored(backend, role, exc.kind)
         self.recorded(backend, no_answer(exc.kind))
         log.warning(json.dumps({"event": "upstream_error", "backend": backend, "role": role,
                                 "kind": exc.kind, "detail": exc.detail}))

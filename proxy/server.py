@@ -34,7 +34,9 @@ log = logging.getLogger("rollout_proxy")
 NO_BODY_STATUS = frozenset({204, 304})
 WEBSOCKET_OWN = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
                  "Sec-WebSocket-Protocol")
-SMALL_BODY = 64 * 1024  # answers up to this size (with a known length) are sent in one write
+# An answer of known length up to this size whose body came whole with its head (the common
+# case) leaves in one write; any other streams, so no byte the proxy has ever waits.
+SMALL_BODY = 64 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -225,31 +227,21 @@ class ProxyHandler:
         length = upstream.content_length
         if (length is not None and length <= SMALL_BODY and request.method != "HEAD"
                 and upstream.status not in NO_BODY_STATUS and "Content-Type" in headers):
-            return await self.relay_small(answer, headers, rid, primary_seen)
+            whole = upstream.take()  # the body, if it came with the head
+            if whole is not None:
+                return self.relay_small(answer, headers, whole, primary_seen)
         return await self.relay_stream(request, answer, headers, rid, primary_seen)
 
-    async def relay_small(self, answer: Answer, headers: CIMultiDict[str], rid: str,
-                          primary_seen: Pairing | None) -> web.StreamResponse:
-        """A small answer of known length: read it whole, then head and body leave in one
-        write (aiohttp sends an unprepared Response that way)."""
+    def relay_small(self, answer: Answer, headers: CIMultiDict[str], body: bytes,
+                    primary_seen: Pairing | None) -> web.StreamResponse:
+        """A small answer that came whole with its head: head and body leave in one write
+        (aiohttp sends an unprepared Response that way). One still arriving streams
+        instead: holding its first bytes until the last came would delay them (a drip)."""
         upstream = answer.response
+        upstream.release()
         tee = tee_for(upstream.headers, self.rt.config.telemetry, primary_seen is not None)
-        error, whole = None, upstream.take()  # usually here already: no coroutine to read it
-        body = b""
-        try:
-            body = await upstream.read() if whole is None else whole
-        except WireError as exc:
-            error = read_error(exc, answer.backend)
-        finally:
-            upstream.close() if error else upstream.release()
         tee.feed(body)
         now = self.rt.monotonic()
-        if error is not None:  # nothing reached the client yet: a proper error, not a cut
-            self.observed(answer, tee, now, error, primary_seen)
-            log.warning(json.dumps({"event": "answer_failed", "request_id": rid,
-                                    "backend": answer.backend, "error": str(error)}))
-            return error_response(error.status, str(error), rid,
-                                  X_Rollout_Backend=answer.backend)
         # Measured once the answer has left (the loop's next turn): off the client's latency.
         asyncio.get_running_loop().call_soon(self.observed, answer, tee, now, None,
                                              primary_seen, now)

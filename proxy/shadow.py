@@ -13,6 +13,10 @@ Rules:
    (inside the same in-flight cap); what differs between legacy's two answers is noise.
 7. A mirror holds its in-flight slot while next_gen answers, not while legacy does: the
    comparison is made by whichever of the two answers ends second (Pairing).
+8. What the first of the two answers parks for the comparison (its parsed JSON, counted as
+   the body bytes it came from, at most telemetry.json_max_bytes) is bounded in all by
+   shadow.max_held_bytes: past it that comparison is dropped ("held_bytes"), its answers are
+   still measured. A mirror done before a slow legacy is not bounded by max_in_flight.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ SHADOW_HEADER = ("X-Rollout-Shadow", "1")
 log = logging.getLogger("rollout_proxy")
 WAITING: Any = object()  # the primary has not reported yet
 UNFINISHED: Any = object()  # the primary's handler ended without an answer to measure
+DROPPED: Any = object()  # an answer not parked: past shadow.max_held_bytes (rule 8)
 
 
 class Pairing:
@@ -50,7 +55,8 @@ class Pairing:
     mirror stores its answers. Whichever comes second makes the comparison, so neither
     waits for the other (no future, no timer, no task left waiting per mirror)."""
 
-    __slots__ = ("answers", "baseline", "method", "path_qs", "primary", "rid", "shadow")
+    __slots__ = ("answers", "baseline", "finished", "held", "method", "path_qs", "primary",
+                 "rid", "shadow")
 
     def __init__(self, shadow: Shadow, method: str, path_qs: str, rid: str,
                  baseline: bool) -> None:
@@ -58,11 +64,16 @@ class Pairing:
         self.baseline = baseline
         self.primary: Any = WAITING
         self.answers: Sequence[tuple[Measurement, Any]] | None = None
+        self.finished = False  # the mirror's requests are over (its slot released)
+        self.held = 0  # bytes parked here, counted in Shadow.held_bytes (rule 8)
 
     def report(self, primary: tuple[Measurement, Any] | None) -> None:
         """The primary's outcome; only the first report counts."""
         if self.primary is not WAITING:
             return
+        if self.answers is None and not self.finished and primary is not None \
+                and primary is not UNFINISHED:  # parked until the mirror ends
+            primary = primary if self.shadow.park(self, (primary,)) else DROPPED
         self.primary = primary
         if self.answers is not None:
             self.shadow.conclude(self)
@@ -78,6 +89,7 @@ class Shadow:
         self.noise = Noise()
         self.tasks = Tasks()
         self.in_flight = 0
+        self.held_bytes = 0  # parked for comparisons (rule 8)
         self.closing = False
         self.cut = False  # past the shutdown grace
         self.drained = asyncio.Event()  # set while no mirror is in flight
@@ -150,10 +162,27 @@ class Shadow:
         self.metrics.measured("next_gen", "shadow", seen)
         self.record("next_gen", seen)
         self.budget.spend(seen.tokens, seen.cost_usd)
+        if pairing.primary is WAITING and not self.park(pairing, answers):
+            answers = DROPPED
         pairing.answers = answers
+
+    def park(self, pairing: Pairing, answers: Sequence[tuple[Measurement, Any]]) -> bool:
+        """Keep `answers` in `pairing` until the other half ends, if the bound allows
+        (rule 8); else count the comparison as dropped."""
+        cap = self.config.telemetry.json_max_bytes
+        cost = sum(min(seen.bytes, cap) for seen, document in answers if document is not None)
+        if not cost:
+            return True
+        if self.held_bytes + cost > self.config.shadow.max_held_bytes:
+            self.metrics.shadow_dropped.labels("held_bytes").inc()
+            return False
+        self.held_bytes += cost
+        pairing.held += cost
+        return True
 
     def release(self, pairing: Pairing) -> None:
         """The mirror's request to next_gen is over: its in-flight slot is free."""
+        pairing.finished = True
         self.in_flight -= 2 if pairing.baseline else 1
         if not self.in_flight:
             self.drained.set()
@@ -194,9 +223,11 @@ class Shadow:
     def conclude(self, pairing: Pairing) -> None:
         """Both sides are in: count and trace the comparison. Never raises (it may run in
         the primary's handler)."""
+        self.held_bytes -= pairing.held
+        pairing.held = 0
         primary, answers = pairing.primary, pairing.answers
-        if answers is None:  # the mirror failed outright (already logged)
-            return
+        if answers is None or answers is DROPPED or primary is DROPPED:
+            return  # the mirror failed outright (logged), or one half was not kept (counted)
         if primary is None:  # the client left mid-answer: nothing to compare
             self.metrics.shadow_dropped.labels("client_gone").inc()
             return

@@ -25,8 +25,8 @@ class UpstreamError(Exception):
     """A backend gave no usable answer. `kind` names why; `status` is what the client gets."""
 
     STATUS: ClassVar[dict[str, int]] = {"connect_error": 502, "timeout": 504, "reset": 502,
-                                        "bad_request": 400,
-                                        "bad_response": 502, "truncated": 502}
+                                        "bad_request": 400, "bad_response": 502,
+                                        "head_too_large": 502, "truncated": 502}
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
@@ -75,13 +75,14 @@ class Pool:
 
 
 def make_pool(backend: BackendConfig, *, timeout_s: float | None = None,
-              limit: int | None = None) -> Pool:
+              limit: int | None = None, max_head_bytes: int = h1.MAX_HEAD_BYTES) -> Pool:
     timeout_s = timeout_s or backend.timeout_s
     url = URL(backend.url)
     tls = ssl.create_default_context() if url.scheme == "https" else None
     client = h1.Pool(url.host or "127.0.0.1", url.port or (443 if tls else 80), tls=tls,
                      limit=limit or backend.max_connections,
-                     connect_timeout_s=backend.connect_timeout_s, timeout_s=timeout_s)
+                     connect_timeout_s=backend.connect_timeout_s, timeout_s=timeout_s,
+                     max_head_bytes=max_head_bytes)
     return Pool(backend, client, timeout_s, url.raw_path.rstrip("/"))
 
 
@@ -121,4 +122,6 @@ def read_error(exc: h1.WireError, backend: str) -> UpstreamError:
     """An error while the body streams: the answer is incomplete."""
     if exc.kind == "timeout":
         return UpstreamError("timeout", f"{backend} stalled mid-answer")
+    if exc.kind == "head_too_large":  # its trailers
+        return UpstreamError(exc.kind, f"{backend}: {exc.detail}")
     return UpstreamError("truncated", f"{backend} ended the answer early: {exc.detail}")

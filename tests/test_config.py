@@ -36,7 +36,7 @@ KNOWN: dict[str, set[str]] = {
     "shadow": {"sample", "max_in_flight", "timeout_s", "compare"},
     "fallback": {"enabled", "on", "attempts", "budget_ratio", "budget_window_s", "circuit"},
     "limits": {"max_body_bytes", "header_timeout_s", "max_in_flight", "trusted_hops",
-               "drain_timeout_s"},
+               "drain_timeout_s", "max_header_bytes"},
     "telemetry": {"tokens", "success", "memory", "trace_file", "trace_max_bytes", "trace_keep",
                   "json_max_bytes"},
     "guards": {"window_s", "min_requests", "error_rate", "latency_degradation", "memory_spike",
@@ -106,6 +106,8 @@ def test_minimal_config_gets_the_spec_defaults() -> None:
     assert config.fallback.on == {"connect_error", "timeout", "5xx"}
     assert config.limits.max_body_bytes == 10_485_760
     assert config.limits.drain_timeout_s == 30
+    assert config.limits.max_header_bytes == 65536
+    assert config.shadow.max_held_bytes == 64 * 2**20
 
 
 # Every problem at once, with key path and line ----------------------------------------------
@@ -215,6 +217,8 @@ def test_wrong_type_is_refused_naming_key_and_value(path: str, value: Any, messa
     ("guards.error_rate", 2, "must be between 0 and 1, got 2"),
     ("backends.legacy.timeout_s", 0, "must be above 0, got 0"),
     ("limits.max_in_flight", 0, "must be at least 1, got 0"),
+    ("limits.max_header_bytes", 100, "must be at least 1024, got 100"),
+    ("shadow.max_held_bytes", -1, "must be at least 0, got -1"),
     ("listen", "127.0.0.1:70000", "must be HOST:PORT, got '127.0.0.1:70000'"),
 ])
 def test_out_of_range_value_is_refused_with_the_range(path: str, value: Any,

@@ -423,6 +423,50 @@ async def test_server_sent_event_reaches_client_before_the_next_is_sent(
         assert rest == b"id: 2\ndata: second step\n\n"
 
 
+DRIP_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+             b"Content-Length: 10\r\n\r\n")
+
+
+@pytest.mark.parametrize("phase", ["legacy", "shadow"])
+async def test_small_answer_of_known_length_drips_through_byte_by_byte(
+        tmp_path: Path, backends: dict[str, Backend], phase: str) -> None:
+    """httpbin's /drip: a 10-byte answer, one byte at a time. Each byte is written only once
+    the client has the one before, so a proxy that held the small body until it was whole
+    would never finish."""
+    received = [asyncio.Event() for _ in range(10)]
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(DRIP_HEAD)
+        for index in range(10):
+            writer.write(b"%d" % index)
+            await writer.drain()
+            async with asyncio.timeout(WAIT):
+                await received[index].wait()
+
+    async with raw_backend(drip) as url:
+        data = config_dict(url, backends["next_gen"].url,
+                           rollout={"phase": phase}, shadow={"sample": 1.0})
+        async with running(tmp_path, data) as proxy, raw_connection(proxy.url) as (reader,
+                                                                                   writer):
+            started = time.monotonic()
+            writer.write(b"GET /drip HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            async with asyncio.timeout(WAIT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = b""
+                for index in range(10):
+                    body += await reader.readexactly(1)
+                    if index == 0:
+                        first_byte_s = time.monotonic() - started
+                    received[index].set()
+            if phase == "shadow":
+                await proxy.mirrors_settled()
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 10\r\n" in head
+    assert body == b"0123456789"
+    assert first_byte_s < 1.0, first_byte_s  # it came at once, not after the last byte
+    if phase == "shadow":
+        assert len(backends["next_gen"].seen) == 1
+
+
 async def test_large_chunked_answer_arrives_complete(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
     chunk = hashlib.sha256(b"seed").digest() * (2**15)  # 1 MiB

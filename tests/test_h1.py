@@ -167,9 +167,10 @@ async def pool_maker(default_timeout_s: float) -> AsyncIterator[Callable[..., h1
     """Make pools to 127.0.0.1 ports; all closed on the way out."""
     made: list[h1.Pool] = []
 
-    def make(port: int, *, limit: int = 0, timeout_s: float = default_timeout_s) -> h1.Pool:
+    def make(port: int, *, limit: int = 0, timeout_s: float = default_timeout_s,
+             max_head_bytes: int = h1.MAX_HEAD_BYTES) -> h1.Pool:
         pool = h1.Pool("127.0.0.1", port, limit=limit, connect_timeout_s=1.0,
-                       timeout_s=timeout_s)
+                       timeout_s=timeout_s, max_head_bytes=max_head_bytes)
         made.append(pool)
         return pool
 
@@ -531,6 +532,150 @@ async def test_garbage_instead_of_a_status_line_is_a_bad_response(
         await pool.request("GET", "/", CIMultiDict(), None)
     assert caught.value.kind == "bad_response"
     assert not pool.open
+
+
+# Bounded heads (rule 7) --------------------------------------------------------------------
+
+ENDLESS = 64 * 2**20  # what a hostile script writes at most, if nobody stops it first
+
+
+def endless(start: bytes, piece: bytes, sent: list[int], *, before: bytes = b"") -> Script:
+    """Answer with `before`, `start`, then `piece` again and again until the client hangs
+    up (or ENDLESS bytes): `sent` gets how many the backend could write."""
+    async def play(peer: Peer) -> None:
+        await peer.request()
+        total = 0
+        try:
+            peer.send(before + start)
+            while total < ENDLESS:
+                peer.send(piece)
+                total += len(piece)
+                await peer.writer.drain()
+        except ConnectionError:
+            pass
+        sent.append(total)
+        peer.backend.changed.set()
+    return play
+
+
+HOSTILE_HEADS = {
+    "endless_header_lines": (b"HTTP/1.1 200 OK\r\n", b"X-A: " + b"a" * 1000 + b"\r\n"),
+    "one_value_of_mebibytes": (b"HTTP/1.1 200 OK\r\nX-A: ", b"a" * 4096),
+    "endless_reason": (b"HTTP/1.1 200 ", b"O" * 4096),
+    "endless_informational_heads": (b"", b"HTTP/1.1 100 Continue\r\n\r\n"),
+}
+
+
+@pytest.mark.parametrize("start, piece", HOSTILE_HEADS.values(), ids=HOSTILE_HEADS.keys())
+async def test_a_head_that_never_ends_is_cut_at_max_head_bytes(
+        raw: Callable[[Script], Awaitable[RawBackend]], pools: Callable[..., h1.Pool],
+        start: bytes, piece: bytes) -> None:
+    sent: list[int] = []
+    backend = await raw(endless(start, piece, sent))
+    pool = pools(backend.port, timeout_s=5.0)
+    started = time.monotonic()
+    with pytest.raises(h1.WireError) as caught:
+        await pool.request("GET", "/", CIMultiDict(), None)
+    took = time.monotonic() - started
+    assert caught.value.kind == "head_too_large", caught.value
+    assert upstream.upstream_error(caught.value, "legacy").status == 502
+    assert took < 2.0, took  # at once, not at timeout_s
+    await backend.wait(lambda: bool(sent), within=5.0)
+    # the backend could write about its socket buffers' worth, never the whole stream
+    assert sent[0] < 16 * 2**20, sent
+    assert not pool.open
+
+
+def head_of(size: int, lines: int = 1) -> bytes:
+    """An answer head of exactly `size` bytes, its padding spread over `lines` headers."""
+    frame = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    pad = size - len(frame) - lines * len(b"X-P: \r\n")
+    assert pad >= lines
+    values = [b"p" * (pad // lines + (1 if n < pad % lines else 0)) for n in range(lines)]
+    head = frame[:-2] + b"".join(b"X-P: " + v + b"\r\n" for v in values) + b"\r\n"
+    assert len(head) == size
+    return head
+
+
+@pytest.mark.parametrize("with_body", [0, 200_000], ids=["alone", "with_a_large_body"])
+async def test_a_head_of_max_head_bytes_passes_and_one_byte_more_does_not(
+        raw: Callable[[Script], Awaitable[RawBackend]], pools: Callable[..., h1.Pool],
+        with_body: int) -> None:
+    body = b"b" * with_body
+    cl = f"Content-Length: {len(body) or 5}".encode()
+    at_bound = head_of(4096 - (len(cl) - 17)).replace(b"Content-Length: 5", cl, 1)
+    assert len(at_bound) == 4096
+    over = at_bound.replace(b"X-P: ", b"X-P: q", 1)
+    payload = body or b"hello"
+    backend = await raw(answers(at_bound + payload, over + payload))
+    pool = pools(backend.port, max_head_bytes=4096)
+    response, got = await fetch(pool)
+    assert (response.status, got) == (200, payload)  # the body that came with it is kept
+    with pytest.raises(h1.WireError) as caught:
+        await pool.request("GET", "/", CIMultiDict(), None)
+    assert caught.value.kind == "head_too_large"
+
+
+async def test_a_hundred_header_lines_pass_and_one_more_does_not(
+        raw: Callable[[Script], Awaitable[RawBackend]],
+        pools: Callable[..., h1.Pool]) -> None:
+    lines = [f"X-H{n}: {n}" for n in range(h1.MAX_HEADER_LINES - 1)]  # + Content-Length
+    backend = await raw(answers(answer(b"ok", *lines), answer(b"ok", *lines, "X-One: more")))
+    pool = pools(backend.port)
+    response, body = await fetch(pool)
+    assert body == b"ok" and len(response.headers) == h1.MAX_HEADER_LINES
+    with pytest.raises(h1.WireError) as caught:
+        await pool.request("GET", "/", CIMultiDict(), None)
+    assert caught.value.kind == "head_too_large"
+    assert str(h1.MAX_HEADER_LINES) in caught.value.detail
+
+
+async def test_trailers_that_never_end_fail_the_answer_after_its_body(
+        raw: Callable[[Script], Awaitable[RawBackend]],
+        pools: Callable[..., h1.Pool]) -> None:
+    sent: list[int] = []
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    backend = await raw(endless(b"5\r\nhello\r\n0\r\n", b"X-T: " + b"t" * 1000 + b"\r\n",
+                                sent, before=head))
+    response = await pools(backend.port, timeout_s=5.0).request("GET", "/", CIMultiDict(),
+                                                                None)
+    assert await response.next_chunk() == b"hello"
+    started = time.monotonic()
+    with pytest.raises(h1.WireError) as caught:
+        async with asyncio.timeout(5):
+            await response.next_chunk()
+    assert caught.value.kind == "head_too_large"
+    assert upstream.read_error(caught.value, "legacy").kind == "head_too_large"
+    assert time.monotonic() - started < 2.0
+    response.close()
+    await backend.wait(lambda: bool(sent), within=5.0)
+    assert sent[0] < 16 * 2**20, sent
+
+
+async def test_chunks_split_after_their_size_lines_are_body_not_trailers(
+        raw: Callable[[Script], Awaitable[RawBackend]],
+        pools: Callable[..., h1.Pool]) -> None:
+    """A read that begins right after a chunk's size line is that chunk's data, whatever
+    its size: only the last chunk's are trailers. Small trailers pass and are dropped."""
+    async def play(peer: Peer) -> None:
+        while await peer.request():
+            peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(20):
+                peer.send(b"800\r\n")
+                await peer.writer.drain()
+                await asyncio.sleep(0)  # one loop turn: the size line is its own read
+                peer.send(b"d" * 2048 + b"\r\n")
+                await peer.writer.drain()
+                await asyncio.sleep(0)
+            peer.send(b"0\r\nX-Checksum: abc\r\n\r\n")
+
+    backend = await raw(play)
+    pool = pools(backend.port, max_head_bytes=1024)
+    for _ in range(2):
+        response, body = await fetch(pool)
+        assert body == b"d" * 2048 * 20
+        assert "X-Checksum" not in response.headers
+    assert backend.accepted == 1  # whole answers: the connection served again
 
 
 # The connection limit ----------------------------------------------------------------------

@@ -721,6 +721,46 @@ async def test_garbage_instead_of_a_head_is_a_bad_response(
     assert not pool.open
 
 
+async def test_a_head_past_max_head_bytes_is_head_too_large_and_the_sink_hears_it_once(
+        raw: Start, pools: MakePool) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-A: " + b"a" * 5000 + b"\r\n" * 2
+    backend = await raw(serve_after_warm(head))
+    pool = pools(backend.port, timeout_s=5.0, max_head_bytes=4096)
+    conn = await idle_connection(pool)
+    sink = Recorder()
+    fire(pool, sink)
+    response, error, retry = await sink.ended()
+    assert response is None and error is not None
+    assert (error.kind, retry) == ("head_too_large", False)
+    await gone(conn)
+    sink.once()
+    assert not pool.open
+
+
+async def test_trailers_past_max_head_bytes_end_a_fired_answer_after_its_body(
+        raw: Start, pools: MakePool) -> None:
+    async def play(peer: Peer) -> None:
+        if not await warmed(peer) or not await peer.request():
+            return
+        peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+        for _ in range(3):  # each its own read, after the last chunk's size line
+            await sink.wait(lambda: sink.chunks)
+            peer.send(b"X-T: " + b"t" * 3000 + b"\r\n")
+            await peer.writer.drain()
+            await turns()
+        await peer.client_gone()
+
+    sink = Recorder()
+    backend = await raw(play)
+    pool = pools(backend.port, timeout_s=5.0, max_head_bytes=4096)
+    await idle_connection(pool)
+    fire(pool, sink)
+    response, error, _ = await sink.ended()
+    assert sink.body == b"hello"
+    assert response is not None and error is not None and error.kind == "head_too_large"
+    sink.once()
+
+
 # Sinks that fail ---------------------------------------------------------------------------
 
 

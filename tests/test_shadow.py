@@ -486,6 +486,50 @@ async def test_a_mirror_done_before_legacy_answers_is_compared_when_legacy_does(
 
 
 
+def padded_json(size: int) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"success": True, "pad": "p" * size})
+    return handler
+
+
+@pytest.mark.parametrize("first", ["mirror", "primary"])
+async def test_answers_parked_for_a_comparison_stay_within_max_held_bytes(
+        tmp_path: Path, backends: dict[str, Backend], first: str) -> None:
+    """Four requests whose first half (a 60 KB JSON answer) must wait for the other: one
+    fits shadow.max_held_bytes (100 KB) and is compared; the other three comparisons are
+    dropped and counted, while every client gets its answer."""
+    release = asyncio.Event()
+    early, late = ("next_gen", "legacy") if first == "mirror" else ("legacy", "next_gen")
+    backends[early].handler = padded_json(60_000)
+    backends[late].handler = stalling(release)
+    data = shadow_config(backends, shadow={"max_held_bytes": 100_000})
+    async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http:
+        shadow = proxy.proxy.runtime.shadow
+        answers = asyncio.gather(*[get(http, f"{proxy.url}/v1/tasks") for _ in range(4)])
+        try:
+            await backends[late].wait_for(4)
+            if first == "mirror":
+                await proxy.mirrors_settled(5)  # each mirror parked its answer, or could not
+            else:
+                statuses = [status for status, _, _ in await answers]
+            assert proxy.metric("rollout_shadow_dropped_total", reason="held_bytes") == 3
+            assert 60_000 < shadow.held_bytes <= 100_000
+            assert proxy.metric("rollout_shadow_held_bytes") == shadow.held_bytes
+        finally:
+            release.set()
+        if first == "mirror":
+            statuses = [status for status, _, _ in await answers]
+        await proxy.mirrors_settled()
+    assert statuses == [200] * 4
+    assert proxy.metric("rollout_shadow_dropped_total", reason="held_bytes") == 3
+    compared = sum(proxy.metric("rollout_shadow_comparisons_total", result=r)
+                   for r in ("match", "mismatch", "error"))
+    assert compared == 1
+    assert shadow.held_bytes == 0
+    assert proxy.metric("rollout_requests_total", backend="next_gen", role="shadow",
+                        code_class="2xx") == 4  # every answer measured all the same
+
+
 def test_the_primary_reports_once_and_the_second_side_compares() -> None:
     """Pairing's rule, pure: the first report counts; whoever comes second concludes."""
     concluded: list[Any] = []
