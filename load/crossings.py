@@ -31,9 +31,9 @@ from proxy.app import build, start, stop
 from proxy.config import load_config
 
 ROOT = str(Path(proxy.__file__).parent)
-SKIPPED_ROOTS = ("control",)
+SKIPPED_ROOTS = ("control",)  # the control loop and state watch run beside the request
 RESUMABLE = 0x20 | 0x80 | 0x200  # CO_GENERATOR, CO_COROUTINE, CO_ASYNC_GENERATOR
-FRESH = 8  # a coroutine's first run starts past its RETURN_GENERATOR, POP_TOP (CPython 3.11)  # the control loop and state watch run beside the request
+FRESH = 8  # a coroutine's first run starts past its RETURN_GENERATOR, POP_TOP (CPython 3.11)
 
 
 def module_of(frame: FrameType) -> str | None:
