@@ -46,6 +46,7 @@ def module_of(frame: FrameType) -> str | None:
 class Crossings:
     def __init__(self) -> None:
         self.pairs: Counter[tuple[str, str]] = Counter()
+        self.calls: Counter[tuple[str, str]] = Counter()  # (caller module, callee function)
 
     def profile(self, frame: FrameType, event: str, arg: Any) -> None:
         if event != "call" or (frame.f_code.co_flags & RESUMABLE and frame.f_lasti > FRESH):
@@ -63,6 +64,7 @@ class Crossings:
         if root.split(".")[-1] in SKIPPED_ROOTS and callee.split(".")[-1] in ("state",):
             return
         self.pairs[(caller, callee)] += 1
+        self.calls[(caller, f"{callee}.{frame.f_code.co_qualname}")] += 1
 
     @property
     def total(self) -> int:
@@ -137,7 +139,7 @@ async def one_request(phase: str, workdir: Path, mirrored: bool) -> Crossings:
 
 
 async def drained(running: Any) -> None:
-    shadow = running.runtime.shadow
+    shadow = getattr(running, "shadow", None) or getattr(running.runtime, "shadow", None)
     await asyncio.sleep(0)  # let the mirror start on the loop's next turn
     if shadow is not None:
         async with asyncio.timeout(5):
@@ -145,23 +147,29 @@ async def drained(running: Any) -> None:
     await asyncio.sleep(0.05)  # the bookkeeping scheduled after the answer (call_soon)
 
 
-def report(title: str, crossings: Crossings, top: int) -> str:
+def report(title: str, crossings: Crossings, top: int, calls: bool) -> str:
     lines = [f"{title}: {crossings.total} crossings between {len(crossings.modules())} "
              "modules"]
     for (caller, callee), count in crossings.pairs.most_common(top):
         lines.append(f"  {count:3d}  {caller} -> {callee}")
+    if calls:
+        lines.append("  the calls:")
+        for (caller, callee), count in sorted(crossings.calls.items()):
+            lines.append(f"  {count:3d}  {caller} -> {callee}")
     return "\n".join(lines)
 
 
-async def main(top: int) -> None:
+async def main(top: int, calls: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         primary = await one_request("progressive", Path(tmp), mirrored=False)
         mirrored = await one_request("shadow", Path(tmp), mirrored=True)
-    print(report("progressive, served by next_gen", primary, top))
-    print(report("shadow, served by legacy and mirrored", mirrored, top))
+    print(report("progressive, served by next_gen", primary, top, calls))
+    print(report("shadow, served by legacy and mirrored", mirrored, top, calls))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=15, help="the busiest pairs to list")
-    asyncio.run(main(parser.parse_args().top))
+    parser.add_argument("--calls", action="store_true", help="list every function called")
+    args = parser.parse_args()
+    asyncio.run(main(args.top, args.calls))

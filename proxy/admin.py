@@ -17,7 +17,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.control import Controller, Refused
+from proxy.routing import for_user
 from proxy.runtime import Runtime
+from proxy.shadow import Shadow
 from proxy.users import day_rates
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -29,9 +31,9 @@ def json_response(status: int, body: dict[str, Any]) -> web.Response:
 
 
 class Admin:
-    def __init__(self, runtime: Runtime, control: Controller,
+    def __init__(self, runtime: Runtime, control: Controller, shadow: Shadow,
                  token: Callable[[], str | None]) -> None:
-        self.rt, self.control, self.token = runtime, control, token
+        self.rt, self.control, self.shadow, self.token = runtime, control, shadow, token
         self.started = False
 
     def app(self) -> web.Application:
@@ -65,7 +67,7 @@ class Admin:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def status(self, request: web.Request) -> web.Response:
-        return json_response(200, status_document(self.rt, self.control))
+        return json_response(200, status_document(self.rt, self.control, self.shadow))
 
     def guarded(self, action: Callable[[dict[str, Any], str], str]) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -149,7 +151,7 @@ class Admin:
         if rid and (backend := self.rt.served.get(rid)) is not None:
             return backend
         if user:
-            return self.rt.backend_of_user(user)
+            return for_user(user, self.rt.config.routing, self.rt.plan)
         if rid:
             raise Refused(404, "request_id: not among the recent requests this proxy "
                           "remembers; send user_id too")
@@ -188,7 +190,7 @@ def plan_fields(rt: Runtime) -> dict[str, Any]:
     }
 
 
-def status_document(rt: Runtime, control: Controller) -> dict[str, Any]:
+def status_document(rt: Runtime, control: Controller, shadow: Shadow) -> dict[str, Any]:
     config = rt.config
     schedule = config.rollout.schedule
     pending = schedule[rt.applied] if rt.applied < len(schedule) else None
@@ -201,7 +203,7 @@ def status_document(rt: Runtime, control: Controller) -> dict[str, Any]:
         "guards": [v.as_json() for v in control.verdicts],
         "tripped": list(rt.stored.tripped),
         "circuit": {"next_gen": rt.breaker.state},
-        "shadow": shadow_status(rt),
+        "shadow": shadow_status(rt, shadow),
         "rollback_ramp": ramp_status(rt),
         "sessions_pinned": len(rt.pins),
         "feedback": feedback_status(rt),
@@ -219,13 +221,11 @@ def status_document(rt: Runtime, control: Controller) -> dict[str, Any]:
     }
 
 
-def shadow_status(rt: Runtime) -> dict[str, Any]:
-    shadow, config = rt.shadow, rt.config.shadow
+def shadow_status(rt: Runtime, shadow: Shadow) -> dict[str, Any]:
     return {
-        "sample": config.sample, "in_flight": shadow.in_flight if shadow else 0,
-        "mirrored": describe_rules(rt),
-        "budget": shadow.budget.status() if shadow else None,
-        "noise": shadow.noise.status() if shadow else None,
+        "sample": rt.config.shadow.sample, "in_flight": shadow.in_flight,
+        "mirrored": describe_rules(rt), "budget": shadow.budget.status(),
+        "noise": shadow.noise.status(),
     }
 
 
@@ -275,8 +275,6 @@ def feedback_status(rt: Runtime) -> dict[str, Any]:
 
 def users_status(rt: Runtime) -> list[dict[str, Any]]:
     """Distinct users per backend per UTC day, adoption, and support tickets per user."""
-    if rt.users is None:
-        return []
     counted = {(day, backend): n for day, per in rt.stored.tickets.items()
                for backend, n in per.items()}
     rows = []

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,16 +33,14 @@ from proxy.budget import SpendBudget
 from proxy.capture import Capture
 from proxy.config import Config, load_config
 from proxy.control import Controller
-from proxy.guards import Windows
 from proxy.metrics import CIRCUIT_STATES, Metrics
 from proxy.runtime import Runtime
 from proxy.server import ProxyHandler
-from proxy.sessions import RedisPins
+from proxy.sessions import Pins, RedisPins
 from proxy.shadow import Shadow
 from proxy.state import FileStore, Store, due_steps, write_atomically
 from proxy.trace import TraceWriter
-from proxy.upstream import make_pool
-from proxy.users import ActiveUsers, RedisActiveUsers
+from proxy.users import ActiveUsers, DistinctUsers, RedisActiveUsers
 
 log = logging.getLogger("rollout_proxy")
 SHADOW_GRACE_S = 2.0
@@ -155,6 +154,7 @@ class Proxy:
     admin: Admin
     trace: TraceWriter | None
     handler: ProxyHandler
+    shadow: Shadow
     runners: list[web.BaseRunner] = field(default_factory=list)
     worker: int = 0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -164,9 +164,18 @@ class Proxy:
 def build(config: Config, *, registry: CollectorRegistry | None = None,
           store: Store | None = None, token: Callable[[], str | None] | None = None,
           multiprocess_dir: str | None = None, worker: int = 0, **clocks: Any) -> Proxy:
+    """Every object the process runs, made whole here; start() only starts them."""
     metrics = Metrics(registry, multiprocess_dir)
-    runtime = Runtime(config, metrics=metrics, store=store or make_store(config, metrics),
-                      **clocks)
+    store = store or make_store(config, metrics)
+    client = getattr(store, "client", None)  # state in Redis: pins and users there too
+    routing = config.routing
+    monotonic = clocks.get("monotonic", time.monotonic)
+    pins = RedisPins(client, routing.session_ttl_s, routing.session_max, monotonic) \
+        if client is not None else Pins(routing.session_ttl_s, routing.session_max, monotonic)
+    capture = Capture(config.telemetry.capture) \
+        if config.telemetry.capture is not None and worker == 0 else None  # one writer
+    runtime = Runtime(config, metrics=metrics, store=store, users=load_users(config, client),
+                      pins=pins, capture=capture, **clocks)
     trace = None
     if config.telemetry.trace_file is not None:
         trace = TraceWriter(config.telemetry.trace_file, max_bytes=config.telemetry.trace_max_bytes,
@@ -174,11 +183,21 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
                             rotate=worker == 0)
     runtime.breaker.on_change = lambda state: metrics.circuit.labels("next_gen").set(
         CIRCUIT_STATES[state])
-    control = Controller(runtime, path=config.source,
-                         apply_config=lambda new: apply_config(runtime, new))
+    budget = SpendBudget(config.shadow.tokens_per_hour, config.shadow.usd_per_hour,
+                         runtime.monotonic)
+    shadow = Shadow(metrics, trace, runtime.recorded, budget)
+    metrics.track_in_flight(lambda: shadow.in_flight, metrics.shadow_in_flight)
+    metrics.track_in_flight(lambda: shadow.held_bytes, metrics.shadow_held)
+
+    def apply(new: Config) -> None:
+        runtime.reload(new)
+        budget.tokens_cap, budget.usd_cap = new.shadow.tokens_per_hour, new.shadow.usd_per_hour
+
+    control = Controller(runtime, path=config.source, apply_config=apply)
     env_name = config.admin.token_env
-    admin = Admin(runtime, control, token or (lambda: os.environ.get(env_name) or None))
-    return Proxy(runtime, control, admin, trace, ProxyHandler(runtime), worker=worker)
+    admin = Admin(runtime, control, shadow, token or (lambda: os.environ.get(env_name) or None))
+    return Proxy(runtime, control, admin, trace, ProxyHandler(runtime, shadow), shadow,
+                 worker=worker)
 
 
 def make_store(config: Config, metrics: Metrics) -> Store:
@@ -189,76 +208,15 @@ def make_store(config: Config, metrics: Metrics) -> Store:
     return FileStore(config.state.path)
 
 
-def apply_config(runtime: Runtime, new: Config) -> None:
-    """Swap in a validated config; requests in flight keep the one they started with."""
-    old = runtime.config
-    runtime.config = new
-    head_bytes = new.limits.max_header_bytes
-    if new.backends != old.backends:
-        for name, backend in new.backends.items():
-            if backend != old.backends.get(name):
-                stale = runtime.pools[name]
-                runtime.pools[name] = make_pool(backend, max_head_bytes=head_bytes)
-                runtime.tasks.spawn(close_later(stale, backend.timeout_s), name="pool-retire")
-    if new.guards.window_s != old.guards.window_s:
-        runtime.windows = Windows(new.guards.window_s, runtime.monotonic)
-    runtime.breaker.config = new.fallback.circuit
-    if runtime.capture is not None and new.telemetry.capture is not None:
-        runtime.capture.config = new.telemetry.capture
-    runtime.budget.ratio = new.fallback.budget_ratio
-    if runtime.shadow is not None:
-        runtime.shadow.config = new
-        for name, backend in new.backends.items():
-            if backend != old.backends.get(name) or new.shadow != old.shadow:
-                stale = runtime.shadow.pools[name]
-                runtime.shadow.pools[name] = make_pool(backend, timeout_s=new.shadow.timeout_s,
-                                                       limit=max(1, new.shadow.max_in_flight),
-                                                       max_head_bytes=head_bytes)
-                runtime.tasks.spawn(close_later(stale, new.shadow.timeout_s),
-                                    name="pool-retire")
-        runtime.shadow.budget.tokens_cap = new.shadow.tokens_per_hour
-        runtime.shadow.budget.usd_cap = new.shadow.usd_per_hour
-    shadow_pools = runtime.shadow.pools.values() if runtime.shadow is not None else ()
-    for pool in (*runtime.pools.values(), *shadow_pools):  # answers from now on
-        pool.client.max_head_bytes = head_bytes
-    due = due_steps(new.rollout.schedule, runtime.stored, runtime.clock())
-    runtime.applied = min(runtime.applied, due)  # the control loop applies the rest if allowed
-    runtime.refresh()
-
-
-async def close_later(pool: Any, delay_s: float) -> None:
-    """Close a retired pool once its requests had time to finish (at once on shutdown)."""
-    try:
-        await asyncio.sleep(delay_s)
-    finally:
-        await pool.close()
-
-
 async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
     rt, config = proxy.runtime, proxy.runtime.config
     await rt.store.start()
-    client = getattr(rt.store, "client", None)
-    if client is not None:  # state in Redis: session pins there too, for every replica
-        routing = config.routing
-        rt.pins = RedisPins(client, routing.session_ttl_s, routing.session_max, rt.monotonic)
-    rt.stored = rt.store.load()
+    rt.stored = rt.store.load()  # Redis's copy is known only once connected
     rt.applied = due_steps(config.rollout.schedule, rt.stored, rt.clock())
     rt.refresh()
-    await rt.start()
-    shadow_pools = {name: make_pool(backend, timeout_s=config.shadow.timeout_s,
-                                    limit=max(1, config.shadow.max_in_flight),
-                                    max_head_bytes=config.limits.max_header_bytes)
-                    for name, backend in config.backends.items()}
-    budget = SpendBudget(config.shadow.tokens_per_hour, config.shadow.usd_per_hour,
-                         rt.monotonic)
-    rt.shadow = Shadow(config, shadow_pools, rt.metrics, proxy.trace, rt.recorded, budget)
-    rt.metrics.track_in_flight(lambda: rt.shadow.in_flight, rt.metrics.shadow_in_flight)
-    rt.metrics.track_in_flight(lambda: rt.shadow.held_bytes, rt.metrics.shadow_held)
     if proxy.trace is not None:
         rt.tasks.spawn(proxy.trace.run(), name="trace-writer")
-    rt.users = await load_users(config, rt)
-    if config.telemetry.capture is not None and proxy.worker == 0:  # one writer per file
-        rt.capture = Capture(config.telemetry.capture)
+    if rt.capture is not None:
         rt.tasks.spawn(rt.capture.run(), name="capture")
     rt.tasks.spawn(keep_users(rt, users_file(config)), name="active-users")
     rt.tasks.spawn(proxy.control.run(), name="control-loop")
@@ -295,14 +253,15 @@ def users_file(config: Config) -> Path | None:
     return config.state.path.with_name(config.state.path.stem + ".users.json")
 
 
-async def load_users(config: Config, rt: Runtime) -> Any:
-    client = getattr(rt.store, "client", None)
+def load_users(config: Config, client: Any) -> DistinctUsers:
+    """The active-user sketches: in Redis with the state, else read once from their file
+    (at startup, before the loop serves anything)."""
     days = config.telemetry.active_users_days
     if client is not None:
         return RedisActiveUsers(client, days)
     path = users_file(config)
     try:
-        text = await asyncio.to_thread(path.read_text) if path is not None else "{}"
+        text = path.read_text() if path is not None else "{}"
         return ActiveUsers.from_json(json.loads(text), days)
     except (OSError, ValueError):
         return ActiveUsers(days)
@@ -367,8 +326,7 @@ async def stop(proxy: Proxy) -> None:
             async with asyncio.timeout(rt.config.limits.drain_timeout_s):
                 await rt.idle.wait()
     await proxy_runner.cleanup()
-    if rt.shadow is not None:
-        await rt.shadow.close(SHADOW_GRACE_S)
+    await proxy.shadow.close(SHADOW_GRACE_S)
     await rt.tasks.wait(0)
     await save_users(rt, users_file(rt.config))
     if rt.capture is not None:

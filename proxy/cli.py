@@ -19,7 +19,7 @@ from typing import Any
 
 from proxy import replay, report
 from proxy.config import Config, ConfigError, load_config
-from proxy.routing import bucket, on_next_gen, unleash_value
+from proxy.routing import Plan, bucket, for_user, unleash_value
 from proxy.state import FileStore, Stored, due_steps, effective
 
 DEFAULT_ADMIN = "http://127.0.0.1:9090"
@@ -120,16 +120,15 @@ def describe_mirroring(phase: str, sample: float) -> str:
 
 
 def format_assign(config: Config, users: list[str]) -> str:
-    """Both bucket values: murmur3 (0..9999) and Unleash's normalizedValue (1..100)."""
+    """Both bucket values: murmur3 (0..9999) and Unleash's normalizedValue (1..100); the
+    backend is routing.for_user's, the handler's own decision."""
     phase, percentage, _ = plan_of(config)
     salt, bucketing = config.rollout.salt, config.routing.bucketing
+    plan = Plan(phase, percentage, salt, config.shadow.sample, bucketing)
     lines = []
     for user in users:
         value, unleash = bucket(salt, user), unleash_value(salt, user)
-        chosen = (unleash <= percentage if bucketing == "unleash"
-                  else on_next_gen(value, percentage))
-        served = phase == "progressive" and chosen
-        backend = "next_gen" if phase in ("default", "sunset") or served else "legacy"
+        backend = for_user(user, config.routing, plan)
         lines.append(f"{user}  bucket {value}  unleash {unleash}  {backend}  "
                      f"(phase {phase}, {percentage:g} %, bucketing {bucketing})")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ import aiohttp
 from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
 from proxy.config import Config, ConfigError, load_config
-from proxy.guards import Verdict, crossed, judge
+from proxy.guards import Verdict, judge
 from proxy.runtime import Runtime
 from proxy.state import Override, due_steps, next_phase, rolled_back
 
@@ -49,7 +49,7 @@ class Controller:
         self.verdicts: list[Verdict] = []
         self.file_stamp = self._stamp()
         self.waiting_reason = ""
-        runtime.on_next_gen_answer = self.answered
+        runtime.on_guard_crossed = self.crossed
 
     # Actions (admin API and CLI) -----------------------------------------------------------
 
@@ -191,15 +191,12 @@ class Controller:
             except Exception:
                 log.exception("state sync failed")
 
-    def answered(self) -> None:
-        """An answer of next_gen was just recorded: if it pushed an armed guard past its
-        limit, judge them all and act now, before the next request is routed."""
-        guards, windows = self.rt.config.guards, self.rt.windows
-        tripped = self.rt.stored.tripped
-        if crossed(guards, windows.side("next_gen"), windows.side("legacy"),
-                   lambda guard: guard not in tripped):
-            self.verdicts = self.judge()
-            self.act_on(self.verdicts)
+    def crossed(self) -> None:
+        """The answer of next_gen just recorded took an armed guard past its limit
+        (guards.Windows.add said so): judge them all and act now, before the next request
+        is routed. This is where a guard's rollback is made, as are the tick's."""
+        self.verdicts = self.judge()
+        self.act_on(self.verdicts)
 
     def tick(self) -> None:
         self.rt.now = self.rt.clock()

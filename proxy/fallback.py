@@ -1,4 +1,7 @@
-"""When legacy answers for a failing next_gen: the failure kinds, a retry budget, a breaker.
+"""When legacy answers for a failing next_gen: the failure kinds, a retry budget, a breaker,
+and `plan()`, the one place that says what happens to an answer: serve it, retry the request
+on legacy, or fail with the upstream's error. The I/O layer (runtime.obtain) only carries
+the plan out.
 
 Rules:
 1. Fallback happens only before anything was sent to the client, for the kinds `fallback.on`
@@ -14,15 +17,56 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
 from proxy.config import CircuitConfig, FallbackConfig
+from proxy.routing import Decision
 from proxy.upstream import UpstreamError
 
 FIVE_XX_KINDS = frozenset({"reset", "bad_response", "head_too_large"})
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """What to do next: `send` the request to its primary, `serve` the answer there is,
+    `legacy` (ask legacy, for `reason`), or `fail` with the upstream error. `budget` says the
+    retry budget refused a fallback that was due (counted as such)."""
+
+    action: str  # send | serve | legacy | fail
+    reason: str | None = None
+    budget: bool = False
+
+
+SEND, SERVE, FAIL = Next("send"), Next("serve"), Next("fail")
+
+
+def before(decision: Decision, config: FallbackConfig, breaker: Breaker,
+           budget: RetryBudget) -> Next:
+    """Before sending: straight to legacy while the breaker is open; else send (counted in
+    the retry budget's requests)."""
+    if (decision.primary == "next_gen" and decision.fallback and config.enabled
+            and not breaker.allow()):
+        return Next("legacy", "circuit_open")
+    budget.request()
+    return SEND
+
+
+def plan(decision: Decision, config: FallbackConfig, error: UpstreamError | None,
+         status: int | None, breaker: Breaker, budget: RetryBudget) -> Next:
+    """After the primary answered (`status`) or failed (`error`)."""
+    if decision.primary != "next_gen":
+        return FAIL if error is not None else SERVE
+    breaker.record(error is None and status is not None and status < 500)
+    reason = fallback_reason(config, error, status) if decision.fallback else None
+    if reason is None:
+        return FAIL if error is not None else SERVE
+    if not budget.allow():  # past the budget: next_gen's own answer (or error), untouched
+        return Next("fail" if error is not None else "serve", reason, budget=True)
+    return Next("legacy", reason)
 
 
 def fallback_reason(config: FallbackConfig, error: UpstreamError | None,

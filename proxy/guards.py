@@ -321,16 +321,27 @@ class Window:
 
 
 class Windows:
-    """Per-backend rolling windows."""
+    """Per-backend rolling windows, and the guards' config to judge next_gen's answers by.
+    `tripped` names the guards that fired already (kept in step with the stored state)."""
 
-    def __init__(self, window_s: float, monotonic: Callable[[], float]) -> None:
-        self.window_s, self.monotonic = window_s, monotonic
+    def __init__(self, window_s: float, monotonic: Callable[[], float],
+                 guards: GuardsConfig | None = None) -> None:
+        self.window_s, self.monotonic, self.guards = window_s, monotonic, guards
         self.entries: dict[str, Window] = {b: Window() for b in BACKENDS}
+        self.tripped: tuple[str, ...] = ()
 
-    def add(self, backend: str, seen: Measurement) -> None:
+    def add(self, backend: str, seen: Measurement) -> bool:
+        """Count one answer; True when it is next_gen's and takes an armed guard past its
+        limit (the caller then judges them all and acts)."""
         now = self.monotonic()
-        if self.entries[backend].add(int(now), seen):
+        entries = self.entries
+        if entries[backend].add(int(now), seen):
             self.prune(now)  # once a second: the totals never hold a second past the window
+        if backend != "next_gen" or self.guards is None:
+            return False
+        tripped = self.tripped
+        return crossed(self.guards, entries["next_gen"], entries["legacy"],
+                       lambda guard: guard not in tripped)
 
     def prune(self, now: float | None = None) -> None:
         edge = (self.monotonic() if now is None else now) - self.window_s

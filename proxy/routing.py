@@ -1,4 +1,6 @@
 """Where a request goes: a pure function from request facts and the rollout's state to a Decision.
+This is the one place a request is decided: the handler, `assign` and /admin/status (whose
+backend a complaint counts against) all ask `decide` or `for_user`.
 
 Rules:
 1. The bucket is mmh3.hash(salt + ":" + user_id, signed=False) % 10000; a user is on next_gen
@@ -11,6 +13,7 @@ Rules:
    and only `shadow.methods` outside `shadow.exclude_paths` (a copy must not repeat a side effect).
 5. A pinned session stays on the backend that served its first request while the percentage
    or phase moves; a rollback overrides pins (safety first).
+6. A WebSocket goes to its primary with no mirror and no fallback (frames cannot be replayed).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Facts:
     cookies: Mapping[str, str]
     query: Mapping[str, str]
     json_body: Mapping[str, Any] | None = None
+    websocket: bool = False  # an Upgrade: websocket request
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,8 @@ class Decision:
     gone: bool = False  # sunset's 410 for an opted-out request
     deprecated: bool = False  # a legacy answer in `default`: Deprecation / Sunset headers
     bucket: int | None = None
+    user: str | None = None  # the user id the routing read, for active users
+    skipped: str | None = None  # why a mirror due was not made: method | excluded_path
 
 
 def bucket(salt: str, user_id: str) -> int:
@@ -139,10 +145,33 @@ def under_rollout(path: str, routing: RoutingConfig) -> bool:
 
 
 def decide(facts: Facts, routing: RoutingConfig, plan: Plan, chance: Callable[[], float],
-           pinned: str | None = None) -> Decision:
+           pinned: str | None = None, shadow: ShadowConfig | None = None) -> Decision:
     """Pick the primary backend; `chance()` draws in [0, 1) for sampling and anonymous users;
-    `pinned` is the backend this request's session is pinned to, if any."""
-    decision = _decide(facts, routing, plan, chance)
+    `pinned` is the backend this request's session is pinned to, if any. With `shadow`, a
+    mirror the request must not get (method, excluded path) is taken away, and said why."""
+    decision = _pinned(facts, routing, plan, chance, pinned)
+    if facts.websocket:
+        decision.mirror = decision.fallback = False
+    elif decision.mirror and shadow is not None:
+        why = mirrorable(facts.method, facts.path, shadow)
+        if why is not None:
+            decision.mirror = False
+            decision.skipped = "method" if why.startswith("method") else "excluded_path"
+    return decision
+
+
+def for_user(user: str, routing: RoutingConfig, plan: Plan) -> str:
+    """The backend a request of this user (under routing.paths, no opt header, no pin)
+    gets under `plan`: what `assign` prints and what a complaint by user id counts against."""
+    facts = Facts("GET", routing.paths[0], {}, {}, {})
+    return _decide(facts, routing, plan, lambda: 1.0, user).primary
+
+
+def _pinned(facts: Facts, routing: RoutingConfig, plan: Plan, chance: Callable[[], float],
+            pinned: str | None) -> Decision:
+    uid = user_id(facts, routing)
+    decision = _decide(facts, routing, plan, chance, uid)
+    decision.user = uid
     if (pinned is None or pinned == decision.primary or plan.rolled_back or decision.gone
             or plan.phase in ("legacy", "shadow", "sunset")
             or decision.reason.startswith("opted")):
@@ -150,13 +179,13 @@ def decide(facts: Facts, routing: RoutingConfig, plan: Plan, chance: Callable[[]
     if decision.reason == "path outside routing.paths":
         return decision
     if pinned == "next_gen":
-        return Decision("next_gen", False, plan.phase != "sunset", "session pinned")
+        return Decision("next_gen", False, plan.phase != "sunset", "session pinned", user=uid)
     return Decision("legacy", decision.mirror, False, "session pinned",
-                    deprecated=plan.phase == "default")
+                    deprecated=plan.phase == "default", user=uid)
 
 
 def _decide(facts: Facts, routing: RoutingConfig, plan: Plan,
-            chance: Callable[[], float]) -> Decision:
+            chance: Callable[[], float], uid: str | None) -> Decision:
     if not under_rollout(facts.path, routing):
         return Decision("legacy", False, False, "path outside routing.paths")
     phase = plan.phase
@@ -177,12 +206,11 @@ def _decide(facts: Facts, routing: RoutingConfig, plan: Plan,
         return Decision("next_gen", False, True, "opted in")
     if opted is False:
         return Decision("legacy", False, False, "opted out")
-    return _by_user(facts, routing, plan, chance)
+    return _by_user(uid, routing, plan, chance)
 
 
-def _by_user(facts: Facts, routing: RoutingConfig, plan: Plan,
+def _by_user(uid: str | None, routing: RoutingConfig, plan: Plan,
              chance: Callable[[], float]) -> Decision:
-    uid = user_id(facts, routing)
     if uid is None:
         if routing.anonymous == "random" and chance() * 100 < plan.percentage:
             return Decision("next_gen", False, True, "anonymous, drawn at random")

@@ -1,7 +1,8 @@
 """The client-facing handler: gather facts, ask routing, forward, stream the answer back.
 
 Rules:
-1. The config is read once per request; a reload never changes a request in flight.
+1. The live snapshot (config, plan, pools) is read once per request and passed down: a
+   reload never changes a request in flight, how it falls back, nor how it is measured.
 2. The request body is read once (bounded by limits.max_body_bytes, streamed or not) and
    shared by the primary send, a fallback and a mirror.
 3. Once the answer's head has gone to the client, an upstream failure ends the connection:
@@ -21,13 +22,14 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config import Config, UserIdSource
+from proxy.config import Config, TelemetryConfig, UserIdSource
 from proxy.h1 import WireError
 from proxy.headers import downstream_headers, request_id, upstream_headers
+from proxy.live import Live
 from proxy.observe import Tee, measure_tee, no_answer, tee_for
-from proxy.routing import Decision, Facts, user_id
+from proxy.routing import Decision, Facts, decide
 from proxy.runtime import Answer, Runtime
-from proxy.shadow import UNFINISHED, Pairing
+from proxy.shadow import UNFINISHED, Pairing, Shadow
 from proxy.upstream import UpstreamError, read_error
 
 log = logging.getLogger("rollout_proxy")
@@ -125,26 +127,28 @@ def session_id(request: web.BaseRequest, source: UserIdSource | None) -> str | N
 
 
 class ProxyHandler:
-    def __init__(self, runtime: Runtime) -> None:
-        self.rt = runtime
+    def __init__(self, runtime: Runtime, shadow: Shadow) -> None:
+        self.rt, self.shadow = runtime, shadow
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        rt, config = self.rt, self.rt.config
+        rt = self.rt
+        live = rt.live  # this request's snapshot, to its end
         rid = request_id(request.headers)
-        if rt.in_flight >= config.limits.max_in_flight:
+        if rt.in_flight >= live.config.limits.max_in_flight:
             rt.metrics.rejected.labels("overload").inc()
             return error_response(503, "the proxy is at limits.max_in_flight; retry shortly",
                                   rid, Retry_After="1")
         rt.in_flight += 1
         try:
-            return await self.serve(request, config, rid)
+            return await self.serve(request, live, rid)
         finally:
             rt.in_flight -= 1
             if rt.draining and rt.in_flight == 0:
                 rt.idle.set()
 
-    async def serve(self, request: web.BaseRequest, config: Config,
+    async def serve(self, request: web.BaseRequest, live: Live,
                     rid: str) -> web.StreamResponse:
+        config = live.config
         path_qs = upstream_target(request)
         if path_qs is None:
             return error_response(400, "the request target must be a path", rid)
@@ -161,47 +165,50 @@ class ProxyHandler:
                                     request.headers.get("Content-Type", ""))
         # Parsed only if routing reaches the {json: FIELD} source (earlier sources may answer).
         json_body = Lazy(lambda: json_fields(request, body) or {}) \
-            if config.routing.reads_json else None
+            if live.reads_json else None
         facts = Facts(request.method, request.path, request.headers,
-                      Lazy(lambda: request.cookies), Lazy(lambda: request.query), json_body)
+                      Lazy(lambda: request.cookies), Lazy(lambda: request.query), json_body,
+                      request.headers.get("Upgrade", "").lower() == "websocket")
         session = session_id(request, config.routing.session)
         pinned = await self.rt.pins.get(session) if session else None
-        decision = self.rt.decide(facts, config, random.random, pinned)
+        decision = decide(facts, config.routing, live.plan, random.random, pinned,
+                          config.shadow)
+        if decision.skipped is not None:
+            self.rt.metrics.shadow_skipped.labels(decision.skipped).inc()
         if decision.gone:
             return self.gone(config, rid)
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self.websocket(request, decision, rid)
+        if facts.websocket:
+            return await self.websocket(request, live, decision, rid)
         peer = request.remote or ""
         out = upstream_headers(request.headers, rid=rid, peer=peer, scheme=request.scheme,
                                host=request.headers.get("Host"),
                                trusted_hops=config.limits.trusted_hops)
-        primary_seen = self.rt.mirror(request.method, path_qs, out, body, rid) \
+        primary_seen = self.shadow.mirror(live, request.method, path_qs, out, body, rid) \
             if decision.mirror else None
         try:
             try:
-                answer = await self.rt.obtain(decision, request.method, path_qs, out, body)
+                answer = await self.rt.obtain(live, decision, request.method, path_qs, out,
+                                              body)
             except UpstreamError as exc:
                 if primary_seen is not None:
                     primary_seen.report((no_answer(exc.kind), None))
                 return error_response(exc.status, str(exc), rid,
                                       X_Rollout_Backend=decision.primary)
             # Bookkeeping runs once the answer has left (the loop's next turn), not before.
-            asyncio.get_running_loop().call_soon(self.served, rid, answer, facts, config)
+            asyncio.get_running_loop().call_soon(self.served, rid, answer, decision.user)
             if session and answer.backend != pinned:
                 self.rt.pins.pin(session, answer.backend)
-            return await self.relay(request, answer, decision, rid, primary_seen)
+            return await self.relay(request, live, answer, decision, rid, primary_seen)
         except BaseException:  # cancelled, or a bug: the mirror must not wait for a report
             if primary_seen is not None:
                 primary_seen.report(UNFINISHED)
             raise
 
-    def served(self, rid: str, answer: Answer, facts: Facts, config: Config) -> None:
+    def served(self, rid: str, answer: Answer, uid: str | None) -> None:
         """Which backend served whom: for complaints by request id and active users."""
         self.rt.served.remember(rid, answer.backend)
-        if answer.role == "primary" and self.rt.users is not None:
-            uid = user_id(facts, config.routing)
-            if uid is not None:
-                self.rt.users.add(answer.backend, uid, self.rt.now)
+        if answer.role == "primary" and uid is not None:
+            self.rt.users.add(answer.backend, uid, self.rt.now)
 
     def gone(self, config: Config, rid: str) -> web.Response:
         message = "this service has moved to its next generation; opting out is no longer possible"
@@ -214,8 +221,9 @@ class ProxyHandler:
         response.headers["X-Rollout-Backend"] = "legacy"
         return response
 
-    async def relay(self, request: web.BaseRequest, answer: Answer, decision: Decision,
-                    rid: str, primary_seen: Pairing | None) -> web.StreamResponse:
+    async def relay(self, request: web.BaseRequest, live: Live, answer: Answer,
+                    decision: Decision, rid: str,
+                    primary_seen: Pairing | None) -> web.StreamResponse:
         upstream = answer.response
         headers = downstream_headers(upstream.headers)
         headers["X-Rollout-Backend"] = answer.backend
@@ -223,41 +231,43 @@ class ProxyHandler:
         if answer.fallback_reason:
             headers["X-Rollout-Fallback"] = "true"
         if answer.backend == "legacy" and decision.deprecated:
-            headers.extend(self.rt.deprecation_headers())
+            headers.extend(self.rt.deprecation_headers(live.config))
+        telemetry = live.config.telemetry
         length = upstream.content_length
         if (length is not None and length <= SMALL_BODY and request.method != "HEAD"
                 and upstream.status not in NO_BODY_STATUS and "Content-Type" in headers):
             whole = upstream.take()  # the body, if it came with the head
             if whole is not None:
-                return self.relay_small(answer, headers, whole, primary_seen)
-        return await self.relay_stream(request, answer, headers, rid, primary_seen)
+                return self.relay_small(answer, headers, whole, primary_seen, telemetry)
+        return await self.relay_stream(request, answer, headers, rid, primary_seen, telemetry)
 
     def relay_small(self, answer: Answer, headers: CIMultiDict[str], body: bytes,
-                    primary_seen: Pairing | None) -> web.StreamResponse:
+                    primary_seen: Pairing | None,
+                    telemetry: TelemetryConfig) -> web.StreamResponse:
         """A small answer that came whole with its head: head and body leave in one write
         (aiohttp sends an unprepared Response that way). One still arriving streams
         instead: holding its first bytes until the last came would delay them (a drip)."""
         upstream = answer.response
         upstream.release()
-        tee = tee_for(upstream.headers, self.rt.config.telemetry, primary_seen is not None)
+        tee = tee_for(upstream.headers, telemetry, primary_seen is not None)
         tee.feed(body)
         now = self.rt.monotonic()
         # Measured once the answer has left (the loop's next turn): off the client's latency.
         asyncio.get_running_loop().call_soon(self.observed, answer, tee, now, None,
-                                             primary_seen, now)
+                                             primary_seen, telemetry, now)
         return web.Response(status=upstream.status, reason=upstream.reason, headers=headers,
                             body=body)
 
     async def relay_stream(self, request: web.BaseRequest, answer: Answer,
-                           headers: CIMultiDict[str], rid: str,
-                           primary_seen: Pairing | None) -> web.StreamResponse:
+                           headers: CIMultiDict[str], rid: str, primary_seen: Pairing | None,
+                           telemetry: TelemetryConfig) -> web.StreamResponse:
         """Stream the answer as it arrives (events reach the client one by one)."""
         upstream = answer.response
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=headers)
         if upstream.content_length is not None and upstream.status not in NO_BODY_STATUS:
             response.content_length = upstream.content_length
-        tee = tee_for(upstream.headers, self.rt.config.telemetry, primary_seen is not None)
+        tee = tee_for(upstream.headers, telemetry, primary_seen is not None)
         first_byte, error = None, None
         try:
             await response.prepare(request)
@@ -277,7 +287,7 @@ class ProxyHandler:
             error = UpstreamError("client_gone", "the client went away")
         finally:
             upstream.close() if error else upstream.release()
-        self.observed(answer, tee, first_byte, error, primary_seen)
+        self.observed(answer, tee, first_byte, error, primary_seen, telemetry)
         if error is not None:
             log.warning(json.dumps({"event": "answer_cut", "request_id": rid,
                                     "backend": answer.backend, "error": str(error)}))
@@ -289,7 +299,7 @@ class ProxyHandler:
 
     def observed(self, answer: Answer, tee: Tee, first_byte: float | None,
                  error: UpstreamError | None, primary_seen: Pairing | None,
-                 ended: float | None = None) -> None:
+                 telemetry: TelemetryConfig, ended: float | None = None) -> None:
         """Measure the answer once; feed metrics, windows and a waiting comparison.
         A client that went away says nothing about the backend: nothing is recorded."""
         upstream = answer.response
@@ -301,20 +311,20 @@ class ProxyHandler:
         seen, document = measure_tee(
             upstream.status, upstream.headers, tee, started=answer.started,
             first_byte=first_byte, ended=self.rt.monotonic() if ended is None else ended,
-            telemetry=self.rt.config.telemetry, error=error.kind if error else None,
+            telemetry=telemetry, error=error.kind if error else None,
             backend=answer.backend)
         self.rt.record(answer, seen)
         if primary_seen is not None:
             primary_seen.report((seen, document))
 
-    async def websocket(self, request: web.BaseRequest, decision: Decision,
+    async def websocket(self, request: web.BaseRequest, live: Live, decision: Decision,
                         rid: str) -> web.StreamResponse:
         """Pass a WebSocket through to the primary backend, frames both ways."""
-        pool = self.rt.pools[decision.primary]
+        pool = live.pools[decision.primary]
         url = pool.backend.url.replace("http", "ws", 1) + (upstream_target(request) or "/")
         headers = upstream_headers(request.headers, rid=rid, peer=request.remote or "",
                                    scheme=request.scheme, host=request.headers.get("Host"),
-                                   trusted_hops=self.rt.config.limits.trusted_hops,
+                                   trusted_hops=live.config.limits.trusted_hops,
                                    extra=pool.backend.headers)
         for name in WEBSOCKET_OWN:  # the client session negotiates its own handshake
             headers.popall(name, None)

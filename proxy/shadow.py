@@ -34,13 +34,14 @@ from multidict import CIMultiDict
 from proxy import h1
 from proxy.budget import SpendBudget
 from proxy.compare import Noise, compare
-from proxy.config import Config
+from proxy.config import Config, ShadowConfig
 from proxy.h1 import WireError
+from proxy.live import Live
 from proxy.metrics import Metrics
 from proxy.observe import Measurement, Tee, json_value, measure_tee, no_answer, tee_for
 from proxy.tasks import Tasks
 from proxy.trace import TraceWriter, utc_stamp
-from proxy.upstream import Pool, UpstreamError, fire, read_error, send
+from proxy.upstream import UpstreamError, fire, read_error, send
 
 SHADOW_HEADER = ("X-Rollout-Shadow", "1")
 log = logging.getLogger("rollout_proxy")
@@ -55,12 +56,13 @@ class Pairing:
     mirror stores its answers. Whichever comes second makes the comparison, so neither
     waits for the other (no future, no timer, no task left waiting per mirror)."""
 
-    __slots__ = ("answers", "baseline", "finished", "held", "method", "path_qs", "primary",
-                 "rid", "shadow")
+    __slots__ = ("answers", "baseline", "finished", "held", "live", "method", "path_qs",
+                 "primary", "rid", "shadow")
 
-    def __init__(self, shadow: Shadow, method: str, path_qs: str, rid: str,
+    def __init__(self, shadow: Shadow, live: Live, method: str, path_qs: str, rid: str,
                  baseline: bool) -> None:
         self.shadow, self.method, self.path_qs, self.rid = shadow, method, path_qs, rid
+        self.live = live  # the snapshot the request started with: this mirror's config
         self.baseline = baseline
         self.primary: Any = WAITING
         self.answers: Sequence[tuple[Measurement, Any]] | None = None
@@ -80,10 +82,10 @@ class Pairing:
 
 
 class Shadow:
-    def __init__(self, config: Config, pools: dict[str, Pool], metrics: Metrics,
-                 trace: TraceWriter | None, record: Callable[[str, Measurement], None],
-                 budget: SpendBudget, chance: Callable[[], float] = random.random) -> None:
-        self.config, self.pools, self.metrics, self.trace = config, pools, metrics, trace
+    def __init__(self, metrics: Metrics, trace: TraceWriter | None,
+                 record: Callable[[str, Measurement], None], budget: SpendBudget,
+                 chance: Callable[[], float] = random.random) -> None:
+        self.metrics, self.trace = metrics, trace
         self.record = record  # feeds the guards' windows
         self.budget, self.chance = budget, chance
         self.noise = Noise()
@@ -95,12 +97,13 @@ class Shadow:
         self.drained = asyncio.Event()  # set while no mirror is in flight
         self.drained.set()
 
-    def copy_headers(self, headers: CIMultiDict[str],
+    @staticmethod
+    def copy_headers(config: Config, headers: CIMultiDict[str],
                      backend: str) -> tuple[CIMultiDict[str], tuple[tuple[str, str], ...]]:
         """The mirror's headers, and those to add after them. The client cannot send
         X-Rollout-Shadow (it is dropped on the way in), so without configured headers that
         replace the client's, the client's go as they are, with no copy."""
-        configured = (*self.config.backends[backend].headers, *self.config.shadow.headers)
+        configured = (*config.backends[backend].headers, *config.shadow.headers)
         if not configured:
             return headers, (SHADOW_HEADER,)
         copy = CIMultiDict(headers)
@@ -108,17 +111,18 @@ class Shadow:
             copy[name] = value
         return copy, ()
 
-    def mirror(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None,
-               rid: str) -> Pairing | None:
+    def mirror(self, live: Live, method: str, path_qs: str, headers: CIMultiDict[str],
+               body: bytes | None, rid: str) -> Pairing | None:
         """Start a mirror; the primary reports its measurement to the returned Pairing."""
-        reason = self.refusal()
+        shadow = live.config.shadow
+        reason = self.refusal(shadow)
         if reason is not None:
             self.metrics.shadow_dropped.labels(reason).inc()
             return None
-        baseline = self.config.shadow.baseline_sample > 0 and (
-            self.in_flight + 2 <= self.config.shadow.max_in_flight) and (
-            self.chance() < self.config.shadow.baseline_sample)
-        pairing = Pairing(self, method, path_qs, rid, baseline)
+        baseline = shadow.baseline_sample > 0 and (
+            self.in_flight + 2 <= shadow.max_in_flight) and (
+            self.chance() < shadow.baseline_sample)
+        pairing = Pairing(self, live, method, path_qs, rid, baseline)
         if not self.in_flight:
             self.drained.clear()
         self.in_flight += 2 if baseline else 1
@@ -139,8 +143,9 @@ class Shadow:
             return
         sink = MirrorSink(self, pairing, method, path_qs, headers, body)
         try:
-            sent, extra = self.copy_headers(headers, "next_gen")
-            if fire(self.pools["next_gen"], method, path_qs, sent, body, sink, extra):
+            live = pairing.live
+            sent, extra = self.copy_headers(live.config, headers, "next_gen")
+            if fire(live.mirror_pools["next_gen"], method, path_qs, sent, body, sink, extra):
                 return
         except UpstreamError as exc:
             self.ended(pairing, no_answer(exc.kind), None)
@@ -169,11 +174,12 @@ class Shadow:
     def park(self, pairing: Pairing, answers: Sequence[tuple[Measurement, Any]]) -> bool:
         """Keep `answers` in `pairing` until the other half ends, if the bound allows
         (rule 8); else count the comparison as dropped."""
-        cap = self.config.telemetry.json_max_bytes
+        config = pairing.live.config
+        cap = config.telemetry.json_max_bytes
         cost = sum(min(seen.bytes, cap) for seen, document in answers if document is not None)
         if not cost:
             return True
-        if self.held_bytes + cost > self.config.shadow.max_held_bytes:
+        if self.held_bytes + cost > config.shadow.max_held_bytes:
             self.metrics.shadow_dropped.labels("held_bytes").inc()
             return False
         self.held_bytes += cost
@@ -187,10 +193,10 @@ class Shadow:
         if not self.in_flight:
             self.drained.set()
 
-    def refusal(self) -> str | None:
+    def refusal(self, config: ShadowConfig) -> str | None:
         if self.closing:
             return "shutdown"
-        if self.in_flight >= self.config.shadow.max_in_flight:
+        if self.in_flight >= config.max_in_flight:
             return "overload"
         if not self.budget.allow():
             return "budget"
@@ -204,10 +210,10 @@ class Shadow:
             answers: Sequence[tuple[Measurement, Any]]
             if pairing.baseline:
                 answers = await asyncio.gather(
-                    self.send("next_gen", method, path_qs, headers, body),
-                    self.send("legacy", method, path_qs, headers, body))
+                    self.send(pairing, "next_gen", method, path_qs, headers, body),
+                    self.send(pairing, "legacy", method, path_qs, headers, body))
             else:  # no gather: it would wrap the one send in a task of its own
-                answers = [await self.send("next_gen", method, path_qs, headers, body)]
+                answers = [await self.send(pairing, "next_gen", method, path_qs, headers, body)]
             self.mirrored(pairing, answers)
         except asyncio.CancelledError:
             self.metrics.shadow_dropped.labels("shutdown").inc()
@@ -241,7 +247,7 @@ class Shadow:
 
     def compare(self, pairing: Pairing, primary: tuple[Measurement, Any],
                 answers: Sequence[tuple[Measurement, Any]]) -> None:
-        config = self.config
+        config = pairing.live.config
         ignore = frozenset(config.shadow.ignore)
         old, old_document = primary
         seen, document = answers[0]
@@ -261,13 +267,15 @@ class Shadow:
                 f'"old_system":{old.trace_json()},"new_system":{seen.trace_json()},'
                 f'"match":{comparison.trace_json()}}}')
 
-    async def send(self, backend: str, method: str, path_qs: str, headers: CIMultiDict[str],
-                   body: bytes | None) -> tuple[Measurement, Any]:
-        telemetry = self.config.telemetry
+    async def send(self, pairing: Pairing, backend: str, method: str, path_qs: str,
+                   headers: CIMultiDict[str], body: bytes | None) -> tuple[Measurement, Any]:
+        live = pairing.live
+        telemetry = live.config.telemetry
         started = time.monotonic()
         try:
-            sent, extra = self.copy_headers(headers, backend)
-            response = await send(self.pools[backend], method, path_qs, sent, body, extra)
+            sent, extra = self.copy_headers(live.config, headers, backend)
+            response = await send(live.mirror_pools[backend], method, path_qs, sent, body,
+                                  extra)
         except UpstreamError as exc:
             return no_answer(exc.kind, (time.monotonic() - started) * 1000), None
         tee = tee_for(response.headers, telemetry, True)
@@ -291,9 +299,7 @@ class Shadow:
             async with asyncio.timeout(grace_s):
                 await self.drained.wait()
         self.cut = True  # a mirror ending from here on is counted as shutdown
-        await self.tasks.wait(0)
-        for pool in self.pools.values():
-            await pool.close()
+        await self.tasks.wait(0)  # the pools are the snapshot's: the runtime closes them
 
 
 class MirrorSink:
@@ -311,7 +317,7 @@ class MirrorSink:
         self.tee: Tee | None = None
 
     def head(self, response: h1.Response) -> None:
-        self.tee = tee_for(response.headers, self.shadow.config.telemetry, True)
+        self.tee = tee_for(response.headers, self.pairing.live.config.telemetry, True)
 
     def chunk(self, data: bytes) -> None:
         if self.first_byte is None:
@@ -337,6 +343,7 @@ class MirrorSink:
             return
         shadow.ended(pairing, *measure_tee(
             response.status, response.headers, self.tee, started=self.started,
-            first_byte=self.first_byte, ended=ended, telemetry=shadow.config.telemetry,
+            first_byte=self.first_byte, ended=ended,
+            telemetry=pairing.live.config.telemetry,
             error=read_error(error, "next_gen").kind if error else None, backend="next_gen"))
 

@@ -191,7 +191,7 @@ class Running:
         """Every mirror so far has ended, and was compared if its primary had answered. A
         mirror holds its in-flight slot until then, whether it was sent on an idle
         connection or as a task (Shadow.drained); TimeoutError past `within`."""
-        shadow = self.proxy.runtime.shadow
+        shadow = self.proxy.shadow
         async with asyncio.timeout(within):
             await shadow.drained.wait()
         assert len(shadow.tasks) == 0

@@ -560,8 +560,8 @@ async def test_failing_requests_leak_no_tasks(tmp_path: Path,
             background, before = len(rt.tasks), len(asyncio.all_tasks())
             await asyncio.gather(*(worker(100, n * 100) for n in range(20)))
             await proxy.mirrors_settled(5)
-        assert len(rt.shadow.tasks) == 0
-        assert rt.shadow.in_flight == 0
+        assert len(proxy.proxy.shadow.tasks) == 0
+        assert proxy.proxy.shadow.in_flight == 0
         assert len(rt.tasks) == background
         assert rt.in_flight == 0
         assert len(asyncio.all_tasks()) <= before + 2

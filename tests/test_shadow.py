@@ -463,7 +463,7 @@ async def test_a_mirror_done_before_legacy_answers_is_compared_when_legacy_does(
     backends["legacy"].handler = stalling(release)
     async with running(tmp_path, shadow_config(backends)) as proxy, \
             aiohttp.ClientSession() as http:
-        shadow = proxy.proxy.runtime.shadow
+        shadow = proxy.proxy.shadow
         answer = asyncio.ensure_future(get(http, f"{proxy.url}/v1/tasks",
                                            headers={"X-Request-Id": "first-mirror"}))
         try:
@@ -504,7 +504,7 @@ async def test_answers_parked_for_a_comparison_stay_within_max_held_bytes(
     backends[late].handler = stalling(release)
     data = shadow_config(backends, shadow={"max_held_bytes": 100_000})
     async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http:
-        shadow = proxy.proxy.runtime.shadow
+        shadow = proxy.proxy.shadow
         answers = asyncio.gather(*[get(http, f"{proxy.url}/v1/tasks") for _ in range(4)])
         try:
             await backends[late].wait_for(4)
@@ -538,11 +538,11 @@ def test_the_primary_reports_once_and_the_second_side_compares() -> None:
         def conclude(self, pairing: Pairing) -> None:
             concluded.append(pairing.primary)
 
-    mirror_first = Pairing(Recorder(), "GET", "/", "r1", False)  # type: ignore[arg-type]
+    mirror_first = Pairing(Recorder(), None, "GET", "/", "r1", False)  # type: ignore[arg-type]
     mirror_first.answers = [(Measurement(200, 1.0, None, 0, None, True, None), None)]
     mirror_first.report(None)  # the client left
     mirror_first.report(UNFINISHED)  # a later report changes nothing
-    primary_first = Pairing(Recorder(), "GET", "/", "r2", False)  # type: ignore[arg-type]
+    primary_first = Pairing(Recorder(), None, "GET", "/", "r2", False)  # type: ignore[arg-type]
     primary_first.report(UNFINISHED)  # no answers yet: the mirror will conclude
     assert concluded == [None]
     assert primary_first.primary is UNFINISHED
