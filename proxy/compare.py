@@ -46,6 +46,19 @@ MATCH = Comparison("match", True, True, True)
 MATCH_JSON = Comparison("match", True, True, True).trace_json()  # a twin: MATCH's own is this
 
 
+MISMATCH_KINDS = ("status", "success", "shape")  # what a mismatch can be about
+
+
+def verdict(stated: object, flags: dict[str, Any], failed: bool) -> tuple[str, tuple[str, ...]]:
+    """The result and a mismatch's kinds, read back from a trace line's `match` (`stated` is
+    its result, `flags` its status/success/shape booleans; `failed` when next_gen gave no
+    complete answer): the rule compare() wrote it by, applied again."""
+    if failed or stated == "error":
+        return "error", ("error",)
+    kinds = tuple(k for k in MISMATCH_KINDS if flags.get(k) is False)
+    return ("mismatch" if kinds or stated == "mismatch" else "match"), kinds
+
+
 def compare(old: Measurement, old_body: Any, new: Measurement, new_body: Any,
             ignore: frozenset[str], noise: Noise | None = None) -> Comparison:
     if new.status is None:

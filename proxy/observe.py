@@ -1,6 +1,9 @@
 """What one answer measured: status, timings, bytes, tokens, success, memory.
 
-Rule: measuring never delays or buffers what the client receives. The body is teed into a
+Rule 1: `measure` builds every answer's Measurement, at every site (the primary, a mirror, a
+baseline, a replay, an answer passed over for a fallback); `no_answer` every request that got
+none. A change to what is measured is made here only.
+Rule 2: measuring never delays or buffers what the client receives. The body is teed into a
 bounded buffer only when a figure must come from it, and parsed as JSON only when the answer
 says it is JSON and fits the cap.
 """

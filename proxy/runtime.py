@@ -28,7 +28,7 @@ from proxy.fallback import Breaker, RetryBudget, retrying
 from proxy.guards import Windows
 from proxy.live import Live, first, reloaded
 from proxy.metrics import Metrics
-from proxy.observe import Measurement, no_answer
+from proxy.observe import Measurement, measure, no_answer
 from proxy.recent import Recent
 from proxy.routing import Decision, Plan
 from proxy.sessions import Pins
@@ -189,7 +189,7 @@ class Runtime:
         assert step.reason is not None
         if answer is not None:  # next_gen answered, but not well enough to serve
             answer.response.release()
-            self.metrics_answered(answer, answer.response.status)
+            self.unread(live, answer)
         self.metrics.fallbacks.labels(step.reason).inc()
         return await self.on_legacy(live, step.reason, config.attempts, method, path_qs,
                                     headers, body)
@@ -225,11 +225,14 @@ class Runtime:
         log.warning(json.dumps({"event": "upstream_error", "backend": backend, "role": role,
                                 "kind": exc.kind, "detail": exc.detail}))
 
-    def metrics_answered(self, answer: Answer, status: int) -> None:
-        seconds = self.monotonic() - answer.started
-        self.metrics.answered(answer.backend, answer.role, status, seconds, None, None)
-        self.recorded(answer.backend, Measurement(status, seconds * 1000, None, 0, None,
-                                                  status < 500, None))
+    def unread(self, live: Live, answer: Answer) -> None:
+        """An answer passed over unread (next_gen's, before a fallback): measured from its
+        head alone, by the same function as every other answer."""
+        response = answer.response
+        self.record(answer, measure(response.status, response.headers, None,
+                                    started=answer.started, first_byte=None,
+                                    ended=self.monotonic(), size=0,
+                                    telemetry=live.config.telemetry, backend=answer.backend))
 
     def record(self, answer: Answer, seen: Measurement) -> None:
         self.metrics.measured(answer.backend, answer.role, seen)

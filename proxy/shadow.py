@@ -38,7 +38,8 @@ from proxy.config import Config, ShadowConfig
 from proxy.h1 import WireError
 from proxy.live import Live
 from proxy.metrics import Metrics
-from proxy.observe import Measurement, Tee, json_value, measure_tee, no_answer, tee_for
+from proxy.observe import Measurement, Tee, measure_tee, no_answer, tee_for
+from proxy.record import TraceRecord
 from proxy.tasks import Tasks
 from proxy.trace import TraceWriter, utc_stamp
 from proxy.upstream import UpstreamError, fire, read_error, send
@@ -257,15 +258,10 @@ class Shadow:
         comparison = compare(old, old_document, seen, document, ignore,
                              self.noise if config.shadow.baseline_sample > 0 else None)
         self.metrics.compared(comparison.result)
-        if self.trace is not None:
-            # The SPEC's trace record, written as JSON directly (no dict per mirror).
-            path_qs = pairing.path_qs
-            self.trace.write_line(
-                f'{{"execution_id":{json_value(pairing.rid)},"ts":"{utc_stamp(time.time())}",'
-                f'"method":{json_value(pairing.method)},'
-                f'"path":{json_value(path_qs.split("?", 1)[0])},'
-                f'"old_system":{old.trace_json()},"new_system":{seen.trace_json()},'
-                f'"match":{comparison.trace_json()}}}')
+        if self.trace is not None:  # the SPEC's trace record (proxy/record.py)
+            self.trace.write_line(TraceRecord.line(
+                pairing.rid, utc_stamp(time.time()), pairing.method, pairing.path_qs, old,
+                seen, comparison))
 
     async def send(self, pairing: Pairing, backend: str, method: str, path_qs: str,
                    headers: CIMultiDict[str], body: bytes | None) -> tuple[Measurement, Any]:

@@ -4,12 +4,14 @@ json would write, or readers of the trace (report, jq, the SPEC) see a different
 from __future__ import annotations
 
 import json
+import math
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.compare import Comparison
+from proxy.compare import Comparison, verdict
 from proxy.observe import Measurement, json_value
+from proxy.record import TraceRecord, parse_line
 
 COMPACT = json.JSONEncoder(separators=(",", ":"))
 numbers = st.none() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True)
@@ -41,3 +43,23 @@ def test_a_measurement_is_written_as_json_writes_its_fields(seen: Measurement) -
 @given(comparisons)
 def test_a_comparison_is_written_as_json_writes_its_fields(comparison: Comparison) -> None:
     assert comparison.trace_json() == COMPACT.encode(comparison.trace_fields())
+
+
+@given(measurements, measurements, comparisons, texts, texts)
+def test_the_line_the_proxy_writes_is_the_record_report_reads(
+        old: Measurement, new: Measurement, comparison: Comparison, rid: str,
+        path: str) -> None:
+    """One schema (proxy/record.py): TraceRecord.line, read back by parse_line."""
+    line = TraceRecord.line(rid, "2026-12-06T00:00:00.000Z", "POST", "/" + path, old, new,
+                            comparison)
+    record = parse_line(line.encode())
+    assert isinstance(record, TraceRecord)
+    assert (record.execution_id, record.method) == (rid, "POST")
+    assert record.path == ("/" + path).split("?", 1)[0]
+    failed = new.status is None or new.error is not None
+    assert (record.result, record.kinds) == verdict(comparison.result, {
+        "status": comparison.status, "success": comparison.success,
+        "shape": comparison.shape}, failed)
+    assert record.old.status == old.status and record.new.status == new.status
+    if old.status is not None and math.isfinite(old.time_ms):
+        assert record.old.time_ms == round(old.time_ms, 3)
