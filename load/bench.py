@@ -27,7 +27,8 @@ from load.procs import raise_fd_limit
 from load.rounds import Plan, Summary, format_table, run_rounds, say, summarise
 
 SCENARIOS = ("throughput", "slow5000", "soak", "sse", "flaky", "guard")
-ALL_TARGETS = ("direct", "legacy", "shadow", "progressive", "nginx", "haproxy", "minimal")
+ALL_TARGETS = ("direct", "legacy", "shadow", "progressive", "progressive-aiohttp", "nginx",
+               "haproxy", "minimal")
 
 
 def throughput_checks(rows: list[Summary]) -> list[checks.Check]:
@@ -43,6 +44,8 @@ def throughput_checks(rows: list[Summary]) -> list[checks.Check]:
         checks.at_least("shadow / progressive (req/s)",
                         checks.ratio(rps("shadow"), rps("progressive")), 0.60),
         checks.at_most("added p50 at 1 connection, progressive over direct", added, 0.30, " ms"),
+        checks.info("progressive over h1 / over aiohttp's client (req/s)",
+                    checks.ratio(rps("progressive"), rps("progressive-aiohttp"))),
     ]
 
 
@@ -52,7 +55,7 @@ async def _targets(children: procs.Children, wanted: set[str], workdir: Path,
     legacy = await targets.backend(children, "backend-legacy", nginx=nginx)
     next_gen = await targets.backend(children, "backend-next_gen", nginx=nginx)
     found = [targets.Target("direct", legacy.url, (), f"{legacy.note}, no proxy")]
-    if wanted & {"legacy", "shadow", "progressive"}:
+    if wanted & {"legacy", "shadow", "progressive", "progressive-aiohttp"}:
         found += await targets.rollout_phases(children, legacy, next_gen, workdir, skipped,
                                               tuple(overrides))
     if wanted & {"nginx", "haproxy", "minimal"}:

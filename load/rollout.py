@@ -29,6 +29,7 @@ class Setup:
     sample: float = 0.0  # shadow.sample: mirroring only where a benchmark asks for it
     shadow_timeout_s: float = 60.0
     overrides: tuple[tuple[str, Any], ...] = ()  # (dotted.key.path, value), applied last
+    transport: str = "h1"  # serve --transport: the client that speaks to the backends
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,8 @@ async def start(children: Children, name: str, setup: Setup, workdir: Path, *,
         raise FileNotFoundError("rollout-proxy is not installed (pip install -e .)")
     path, listen, admin = write_config(setup, workdir / name)
     env = {"ROLLOUT_ADMIN_TOKEN": secrets.token_hex(16)}
-    child = await children.start(name, [binary, "serve", "--config", str(path)], cpu=cpu, env=env)
+    child = await children.start(name, [binary, "serve", "--config", str(path),
+                                         "--transport", setup.transport], cpu=cpu, env=env)
     admin_url = f"http://127.0.0.1:{admin}"
     try:
         await wait_http(child, f"{admin_url}/readyz", ready_timeout_s)

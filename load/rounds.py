@@ -123,13 +123,13 @@ def _cell(value: float | None, spec: str) -> str:
 
 
 def format_table(summaries: list[Summary], baseline: str = "direct") -> str:
-    head = (f"{'target':<12} {'req/s':>9} {'min–max':>15} {'×' + baseline:>9} {'p50 ms':>8} "
+    head = (f"{'target':<19} {'req/s':>9} {'min–max':>15} {'×' + baseline:>9} {'p50 ms':>8} "
             f"{'p99 ms':>8} {'1-conn p50':>10} {'added':>7} {'errors':>6} {'RSS MB':>7}  what")
     rows = [head, "-" * len(head)]
     for s in summaries:
         spread = f"{s.rps_min:.0f}–{s.rps_max:.0f}"
         rows.append(
-            f"{s.name:<12} {s.rps:>9.0f} {spread:>15} {_cell(s.ratio, '.2f'):>9} "
+            f"{s.name:<19} {s.rps:>9.0f} {spread:>15} {_cell(s.ratio, '.2f'):>9} "
             f"{s.p50_ms:>8.2f} {s.p99_ms:>8.2f} {_cell(s.single_p50_ms, '.3f'):>10} "
             f"{_cell(s.added_p50_ms, '+.3f'):>7} {s.errors:>6} {_cell(s.peak_rss_mb, '.0f'):>7}"
             f"  {s.note}")

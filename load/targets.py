@@ -85,6 +85,8 @@ async def rollout_proxy(children: Children, name: str, setup: rollout.Setup,
                         workdir: Path) -> Target:
     running = await rollout.start(children, name, setup, workdir, cpu=PROXY_CPU)
     note = f"rollout-proxy {setup.phase}"
+    if setup.transport != "h1":
+        note += f" (--transport {setup.transport})"
     if setup.phase == "progressive":
         note += f" {setup.percentage:g} %"
     if setup.phase != "legacy":
@@ -120,6 +122,8 @@ async def rollout_phases(children: Children, legacy: Target, next_gen: Target, w
         "legacy": rollout.Setup("legacy", *urls, overrides=overrides),
         "shadow": rollout.Setup("shadow", *urls, sample=1.0, overrides=overrides),
         "progressive": rollout.Setup("progressive", *urls, percentage=50, overrides=overrides),
+        "progressive-aiohttp": rollout.Setup("progressive", *urls, percentage=50,
+                                             overrides=overrides, transport="aiohttp"),
     }
     found = []
     for name, setup in setups.items():

@@ -40,6 +40,8 @@ from proxy.sessions import Pins, RedisPins
 from proxy.shadow import Shadow
 from proxy.state import FileStore, Store, due_steps, write_atomically
 from proxy.trace import TraceWriter
+from proxy.transport import Transport
+from proxy.upstream import H1, transport_named
 from proxy.users import ActiveUsers, DistinctUsers, RedisActiveUsers
 
 log = logging.getLogger("rollout_proxy")
@@ -163,8 +165,11 @@ class Proxy:
 
 def build(config: Config, *, registry: CollectorRegistry | None = None,
           store: Store | None = None, token: Callable[[], str | None] | None = None,
-          multiprocess_dir: str | None = None, worker: int = 0, **clocks: Any) -> Proxy:
-    """Every object the process runs, made whole here; start() only starts them."""
+          multiprocess_dir: str | None = None, worker: int = 0, transport: Transport = H1,
+          **clocks: Any) -> Proxy:
+    """Every object the process runs, made whole here; start() only starts them.
+    `transport` speaks to the backends (h1 by default); `clocks` are clock, monotonic and
+    sleep, for tests."""
     metrics = Metrics(registry, multiprocess_dir)
     store = store or make_store(config, metrics)
     client = getattr(store, "client", None)  # state in Redis: pins and users there too
@@ -175,7 +180,7 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
     capture = Capture(config.telemetry.capture) \
         if config.telemetry.capture is not None and worker == 0 else None  # one writer
     runtime = Runtime(config, metrics=metrics, store=store, users=load_users(config, client),
-                      pins=pins, capture=capture, **clocks)
+                      pins=pins, capture=capture, transport=transport, **clocks)
     trace = None
     if config.telemetry.trace_file is not None:
         trace = TraceWriter(config.telemetry.trace_file, max_bytes=config.telemetry.trace_max_bytes,
@@ -372,10 +377,11 @@ def tune_malloc() -> bool:
 
 
 async def serve(path: Path, *, reuse_port: bool = False, worker: int = 0,
-                multiprocess_dir: str | None = None) -> int:
+                multiprocess_dir: str | None = None, transport: str = "h1") -> int:
     tune_malloc()
     config = load_config(path)
-    proxy = build(config, multiprocess_dir=multiprocess_dir, worker=worker)
+    proxy = build(config, multiprocess_dir=multiprocess_dir, worker=worker,
+                  transport=transport_named(transport))
     await start(proxy, reuse_port=reuse_port)
     tune_gc()
     loop = asyncio.get_running_loop()

@@ -171,10 +171,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     index = os.environ.get(WORKER_ENV)
     if args.workers > 1 and index is None:
-        return supervise(Path(args.config), args.workers)
+        return supervise(Path(args.config), args.workers, ("--transport", args.transport))
     result: int = uvloop.run(serve(Path(args.config), worker=int(index or 0),
                                    multiprocess_dir=os.environ.get(MULTIPROC_ENV),
-                                   reuse_port=index is not None))
+                                   reuse_port=index is not None, transport=args.transport))
     return result
 
 
@@ -375,6 +375,9 @@ def parser() -> argparse.ArgumentParser:
     serve = verbs.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", required=True)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--transport", choices=("h1", "aiohttp"), default="h1",
+                       help="the HTTP client that speaks to the backends: h1 (the lean "
+                            "one, default) or aiohttp's (to compare them)")
     serve.set_defaults(func=cmd_serve)
     demo = verbs.add_parser("demo", help="simulated backends with the proxy in front")
     demo.add_argument("--speed", type=float, default=10.0,

@@ -38,10 +38,12 @@ import logging
 import ssl
 import time
 from collections import deque
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.transport import Sink, UpstreamError
 
 HIGH_WATER = 256 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # limits.max_header_bytes' default (Envoy's is 60 KiB)
@@ -52,26 +54,10 @@ Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 log = logging.getLogger("rollout_proxy")
 
 
-class WireError(Exception):
+class WireError(UpstreamError):
     """kind: connect_error (nothing was sent), timeout, reset, bad_response, truncated,
-    head_too_large (rule 7)."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind, self.detail = kind, detail
-
-
-class Sink(Protocol):
-    """Takes an answer as it is parsed (Pool.fire). `done` comes once: with the error if
-    the answer failed (response None when no head came), and `retry` when nothing of it
-    arrived on a reused connection the backend had closed and the method is idempotent
-    (safe to send again, as request() would)."""
-
-    def head(self, response: Response) -> None: ...
-
-    def chunk(self, data: bytes) -> None: ...
-
-    def done(self, response: Response | None, error: WireError | None, retry: bool) -> None: ...
+    head_too_large (rule 7). The transport seam's one error (proxy/transport.py), so the
+    data path above never needs to know this client."""
 
 
 def _tell(sink: Sink, response: Response | None, error: WireError | None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from proxy.config import Config
 from proxy.routing import Plan
+from proxy.transport import Transport
 from proxy.upstream import Pool, make_pool
 
 
@@ -28,23 +29,26 @@ class Live:
     reads_json: bool = False  # a user-id source reads the JSON body (derived from config)
 
 
-def primary_pool(config: Config, name: str) -> Pool:
-    return make_pool(config.backends[name], max_head_bytes=config.limits.max_header_bytes)
+def primary_pool(config: Config, name: str, transport: Transport) -> Pool:
+    return make_pool(config.backends[name], max_head_bytes=config.limits.max_header_bytes,
+                     transport=transport)
 
 
-def mirror_pool(config: Config, name: str) -> Pool:
+def mirror_pool(config: Config, name: str, transport: Transport) -> Pool:
     return make_pool(config.backends[name], timeout_s=config.shadow.timeout_s,
                      limit=max(1, config.shadow.max_in_flight),
-                     max_head_bytes=config.limits.max_header_bytes)
+                     max_head_bytes=config.limits.max_header_bytes, transport=transport)
 
 
-def first(config: Config, plan: Plan) -> Live:
-    return Live(config, plan, {name: primary_pool(config, name) for name in config.backends},
-                {name: mirror_pool(config, name) for name in config.backends},
+def first(config: Config, plan: Plan, transport: Transport) -> Live:
+    return Live(config, plan,
+                {name: primary_pool(config, name, transport) for name in config.backends},
+                {name: mirror_pool(config, name, transport) for name in config.backends},
                 config.routing.reads_json)
 
 
-def reloaded(live: Live, config: Config) -> tuple[Live, list[tuple[Pool, float]]]:
+def reloaded(live: Live, config: Config,
+             transport: Transport) -> tuple[Live, list[tuple[Pool, float]]]:
     """The snapshot for a new config, and the pools it retires (each with how long its
     requests may still need)."""
     old = live.config
@@ -54,8 +58,8 @@ def reloaded(live: Live, config: Config) -> tuple[Live, list[tuple[Pool, float]]
     for name, backend in config.backends.items():
         if backend != old.backends.get(name) or heads_changed:
             retired.append((pools[name], backend.timeout_s))
-            pools[name] = primary_pool(config, name)
+            pools[name] = primary_pool(config, name, transport)
         if backend != old.backends.get(name) or config.shadow != old.shadow or heads_changed:
             retired.append((mirrors[name], config.shadow.timeout_s))
-            mirrors[name] = mirror_pool(config, name)
+            mirrors[name] = mirror_pool(config, name, transport)
     return Live(config, live.plan, pools, mirrors, config.routing.reads_json), retired

@@ -21,7 +21,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from proxy import fallback, h1
+from proxy import fallback, transport
 from proxy.capture import Capture
 from proxy.config import Config
 from proxy.fallback import Breaker, RetryBudget, retrying
@@ -34,7 +34,8 @@ from proxy.routing import Decision, Plan
 from proxy.sessions import Pins
 from proxy.state import Store, Stored, due_steps, effective, now_rfc3339, rolled_back
 from proxy.tasks import Tasks
-from proxy.upstream import Pool, UpstreamError, send
+from proxy.transport import Transport
+from proxy.upstream import H1, Pool, UpstreamError, send
 from proxy.users import DistinctUsers
 
 log = logging.getLogger("rollout_proxy")
@@ -50,14 +51,15 @@ def utc_now() -> datetime:
 class Answer:
     backend: str
     role: str  # primary | fallback
-    response: h1.Response
+    response: transport.Answer
     started: float
     fallback_reason: str | None = None
 
 
 class Runtime:
     def __init__(self, config: Config, *, metrics: Metrics, store: Store, users: DistinctUsers,
-                 pins: Pins, capture: Capture | None = None, clock: Clock = utc_now,
+                 pins: Pins, capture: Capture | None = None, transport: Transport = H1,
+                 clock: Clock = utc_now,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         self.metrics, self.store, self.users, self.pins = metrics, store, users, pins
@@ -73,8 +75,9 @@ class Runtime:
         self.windows = Windows(config.guards.window_s, monotonic, config.guards)
         self._stored = store.load()
         self.applied = due_steps(config.rollout.schedule, self._stored, clock())
+        self.transport = transport  # how backends are spoken to (proxy/transport.py)
         self.live: Live = first(config, Plan("legacy", 0.0, config.rollout.salt,
-                                             config.shadow.sample))
+                                             config.shadow.sample), transport)
         fb = config.fallback
         self.breaker = Breaker(fb.circuit, monotonic)
         self.budget = RetryBudget(fb.budget_ratio, fb.budget_window_s, monotonic)
@@ -108,7 +111,7 @@ class Runtime:
     def reload(self, config: Config) -> None:
         """Swap in a validated config: one new snapshot; requests in flight keep theirs."""
         old = self.config
-        self.live, retired = reloaded(self.live, config)
+        self.live, retired = reloaded(self.live, config, self.transport)
         for pool, delay_s in retired:
             self.tasks.spawn(close_later(pool, delay_s), name="pool-retire")
         if config.guards.window_s != old.guards.window_s:

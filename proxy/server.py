@@ -23,7 +23,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import Config, TelemetryConfig, UserIdSource
-from proxy.h1 import WireError
 from proxy.headers import downstream_headers, request_id, upstream_headers
 from proxy.live import Live
 from proxy.observe import Tee, measure_tee, no_answer, tee_for
@@ -274,7 +273,7 @@ class ProxyHandler:
             while True:
                 try:  # a failure reading is the backend's; a failure writing is the client's
                     chunk = await upstream.next_chunk()
-                except WireError as exc:
+                except UpstreamError as exc:
                     error = read_error(exc, answer.backend)
                     break
                 if not chunk:

@@ -31,17 +31,16 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from proxy import h1
 from proxy.budget import SpendBudget
 from proxy.compare import Noise, compare
 from proxy.config import Config, ShadowConfig
-from proxy.h1 import WireError
 from proxy.live import Live
 from proxy.metrics import Metrics
 from proxy.observe import Measurement, Tee, measure_tee, no_answer, tee_for
 from proxy.record import TraceRecord
 from proxy.tasks import Tasks
 from proxy.trace import TraceWriter, utc_stamp
+from proxy.transport import Answer
 from proxy.upstream import UpstreamError, fire, read_error, send
 
 SHADOW_HEADER = ("X-Rollout-Shadow", "1")
@@ -280,7 +279,7 @@ class Shadow:
             while chunk := await response.next_chunk():
                 first_byte = first_byte or time.monotonic()
                 tee.feed(chunk)
-        except WireError as exc:
+        except UpstreamError as exc:
             error = read_error(exc, backend)
         finally:
             response.close() if error else response.release()
@@ -312,7 +311,7 @@ class MirrorSink:
         self.first_byte: float | None = None
         self.tee: Tee | None = None
 
-    def head(self, response: h1.Response) -> None:
+    def head(self, response: Answer) -> None:
         self.tee = tee_for(response.headers, self.pairing.live.config.telemetry, True)
 
     def chunk(self, data: bytes) -> None:
@@ -321,7 +320,7 @@ class MirrorSink:
         if self.tee is not None:
             self.tee.feed(data)
 
-    def done(self, response: h1.Response | None, error: h1.WireError | None,
+    def done(self, response: Answer | None, error: UpstreamError | None,
              retry: bool) -> None:
         shadow, pairing = self.shadow, self.pairing
         if shadow.cut:

@@ -1,4 +1,5 @@
-"""Backend connection pools and the upstream half of forwarding.
+"""Backend connection pools and the upstream half of forwarding, over a Transport
+(proxy/transport.py): h1 by default.
 
 Rules (PITFALLS.md): no decompression (bytes pass unchanged), no cookie jar (the pool is
 shared by every user), no auto headers, no redirects followed; the client's errors become
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-from typing import ClassVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -17,29 +17,34 @@ from yarl import URL
 
 from proxy import h1
 from proxy.config import BackendConfig
+from proxy.transport import Answer, Client, Sink, Transport, UpstreamError
+
+__all__ = ["H1", "Pool", "UpstreamError", "fire", "make_pool", "read_error", "send",
+           "transport_named"]
 
 SKIP_AUTO = frozenset({"Accept-Encoding", "User-Agent", "Content-Type"})
 
 
-class UpstreamError(Exception):
-    """A backend gave no usable answer. `kind` names why; `status` is what the client gets."""
+class H1Transport:
+    """The default transport: proxy.h1, the lean HTTP/1.1 client."""
 
-    STATUS: ClassVar[dict[str, int]] = {"connect_error": 502, "timeout": 504, "reset": 502,
-                                        "bad_request": 400, "bad_response": 502,
-                                        "head_too_large": 502, "truncated": 502}
+    name = "h1"
 
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind, self.detail = kind, detail
+    def client(self, host: str, port: int, *, tls: ssl.SSLContext | None, limit: int,
+               connect_timeout_s: float, timeout_s: float, max_head_bytes: int) -> h1.Pool:
+        return h1.Pool(host, port, tls=tls, limit=limit, connect_timeout_s=connect_timeout_s,
+                       timeout_s=timeout_s, max_head_bytes=max_head_bytes)
 
-    @property
-    def status(self) -> int:
-        return self.STATUS.get(self.kind, 502)
 
-    @property
-    def sent(self) -> bool:
-        """Whether the backend may have received the request (so a retry may repeat it)."""
-        return self.kind != "connect_error"
+H1 = H1Transport()
+
+
+def transport_named(name: str) -> Transport:
+    if name == "aiohttp":
+        from proxy.aiohttp_transport import AiohttpTransport
+
+        return AiohttpTransport()
+    return H1
 
 
 @dataclass(slots=True)
@@ -48,7 +53,7 @@ class Pool:
     through the lean client (proxy.h1); a WebSocket through aiohttp's, made on first use."""
 
     backend: BackendConfig
-    client: h1.Pool
+    client: Client
     timeout_s: float
     prefix: str = ""  # the backend URL's own path, put before every request's
     session: aiohttp.ClientSession | None = None
@@ -75,33 +80,34 @@ class Pool:
 
 
 def make_pool(backend: BackendConfig, *, timeout_s: float | None = None,
-              limit: int | None = None, max_head_bytes: int = h1.MAX_HEAD_BYTES) -> Pool:
+              limit: int | None = None, max_head_bytes: int = h1.MAX_HEAD_BYTES,
+              transport: Transport = H1) -> Pool:
     timeout_s = timeout_s or backend.timeout_s
     url = URL(backend.url)
     tls = ssl.create_default_context() if url.scheme == "https" else None
-    client = h1.Pool(url.host or "127.0.0.1", url.port or (443 if tls else 80), tls=tls,
-                     limit=limit or backend.max_connections,
-                     connect_timeout_s=backend.connect_timeout_s, timeout_s=timeout_s,
-                     max_head_bytes=max_head_bytes)
+    client = transport.client(url.host or "127.0.0.1", url.port or (443 if tls else 80),
+                              tls=tls, limit=limit or backend.max_connections,
+                              connect_timeout_s=backend.connect_timeout_s,
+                              timeout_s=timeout_s, max_head_bytes=max_head_bytes)
     return Pool(backend, client, timeout_s, url.raw_path.rstrip("/"))
 
 
 async def send(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
-               body: bytes | None, extra: tuple[tuple[str, str], ...] = ()) -> h1.Response:
+               body: bytes | None, extra: tuple[tuple[str, str], ...] = ()) -> Answer:
     """Send a request and wait for the answer's head, within the backend's timeout."""
     try:
         return await pool.client.request(method, target(pool, path_qs), headers, body, extra)
-    except h1.WireError as exc:
+    except UpstreamError as exc:
         raise upstream_error(exc, pool.backend.name) from exc
 
 
 def fire(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None,
-         sink: h1.Sink, extra: tuple[tuple[str, str], ...] = ()) -> bool:
+         sink: Sink, extra: tuple[tuple[str, str], ...] = ()) -> bool:
     """Send on an idle connection, the answer going to `sink` as it is parsed (h1.Pool.fire);
     False when none is idle (then use send())."""
     try:
         return pool.client.fire(method, target(pool, path_qs), headers, body, sink, extra)
-    except h1.WireError as exc:
+    except UpstreamError as exc:
         raise upstream_error(exc, pool.backend.name) from exc
 
 
@@ -112,13 +118,13 @@ def target(pool: Pool, path_qs: str) -> str:
     return pool.prefix + path_qs
 
 
-def upstream_error(exc: h1.WireError, backend: str) -> UpstreamError:
+def upstream_error(exc: UpstreamError, backend: str) -> UpstreamError:
     if exc.kind == "timeout":
         return UpstreamError("timeout", f"no answer from {backend}: {exc.detail}")
     return UpstreamError(exc.kind, f"{backend}: {exc.detail}")
 
 
-def read_error(exc: h1.WireError, backend: str) -> UpstreamError:
+def read_error(exc: UpstreamError, backend: str) -> UpstreamError:
     """An error while the body streams: the answer is incomplete."""
     if exc.kind == "timeout":
         return UpstreamError("timeout", f"{backend} stalled mid-answer")

@@ -21,7 +21,7 @@ WORKER_ENV = "ROLLOUT_WORKER_INDEX"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def supervise(config: Path, workers: int) -> int:
+def supervise(config: Path, workers: int, extra: tuple[str, ...] = ()) -> int:
     """Start the workers, pass signals on, wait; 0 when every worker exited 0."""
     metrics_dir = tempfile.mkdtemp(prefix="rollout-metrics-")
     children: list[subprocess.Popen[bytes]] = []
@@ -40,7 +40,8 @@ def supervise(config: Path, workers: int) -> int:
         for index in range(workers):
             env = {**os.environ, WORKER_ENV: str(index), MULTIPROC_ENV: metrics_dir}
             children.append(subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)], env=env))
+                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), *extra],
+                env=env))
         codes = [child.wait() for child in children]
     finally:
         for child in children:
