@@ -53,12 +53,22 @@ TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/js
                   + b"\r\n\r\n" + TIMEOUT_BODY)
 
 
+SERVER_OPTIONS: dict[str, Any] = {"access_log": None, "keepalive_timeout": 75,
+                                  "max_field_size": 16384}
 GC_THRESHOLDS = (10_000, 50, 20)  # CPython's are (700, 10, 10); see tune_gc()
 
 
 class HeadDeadlineHandler(RequestHandler):
     """aiohttp has no header-read timeout (PITFALLS.md): cut a client off whose request
-    head has not fully arrived within the deadline, with a 408."""
+    head has not fully arrived within the deadline, with a 408.
+
+    This subclasses aiohttp's RequestHandler (aiohttp.web_protocol, not a public API) because
+    aiohttp offers no public hook for either job done here: a deadline on the request head
+    (web.Server's options bound idle keep-alive only), and the answer to a request its parser
+    refused (handle_error; middlewares never see those). It overrides only connection_made,
+    data_received, connection_lost and handle_error, and reads _request_in_progress and
+    _messages; tests/test_e2e_data_path.py drives both behaviours over real sockets, so an
+    aiohttp upgrade that moves them fails the suite rather than the users."""
 
     header_timeout_s = 10.0
     _deadline: asyncio.TimerHandle | None = None
@@ -136,7 +146,7 @@ class ProxySite(web.BaseSite):
         deadline = type("Handler", (HeadDeadlineHandler,),
                         {"header_timeout_s": self._header_timeout_s})
         loop = asyncio.get_running_loop()
-        kwargs = server._kwargs  # the RequestHandler options web.Server would pass itself
+        kwargs = SERVER_OPTIONS  # what web.Server was made with: its handlers get the same
 
         def factory() -> RequestHandler:
             handler: RequestHandler = deadline(server, loop=loop, **kwargs)
@@ -228,8 +238,7 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
     rt.tasks.spawn(proxy.control.watch_state(), name="state-watch")
     proxy.control.tick()
 
-    server = web.Server(proxy.handler, access_log=None, keepalive_timeout=75,
-                        max_field_size=16384)
+    server = web.Server(proxy.handler, **SERVER_OPTIONS)
     # stop() gives requests drain_timeout_s itself; cleanup then only cancels what is left.
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.1)
     await runner.setup()
@@ -243,7 +252,7 @@ async def start(proxy: Proxy, *, reuse_port: bool = False) -> None:
                              reuse_port=reuse_port)
     await admin_site.start()
     proxy.runners = [runner, admin_runner]
-    proxy.ports = {"proxy": bound_port(site), "admin": bound_port(admin_site)}
+    proxy.ports = {"proxy": bound_port(runner), "admin": bound_port(admin_runner)}
     proxy.admin.started = True
     log.info(json.dumps({"event": "serving", "listen": str(config.listen),
                          "admin": str(config.admin.listen), "phase": rt.plan.phase,
@@ -314,10 +323,10 @@ async def keep_users(rt: Runtime, path: Path | None) -> None:
             await save_users(rt, path)
 
 
-def bound_port(site: web.BaseSite) -> int:
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    return int(sockets[0].getsockname()[1]) if sockets else 0
+def bound_port(runner: web.BaseRunner) -> int:
+    """The port the runner's one site listens on (the OS picks it for port 0)."""
+    addresses = runner.addresses
+    return int(addresses[0][1]) if addresses else 0
 
 
 async def stop(proxy: Proxy) -> None:
