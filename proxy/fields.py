@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, get_args
+from urllib.parse import urlsplit
 
 from proxy.yamlsource import Section
 
@@ -109,3 +111,80 @@ def read_number(s: Section, f: Field) -> float | None:
         return None
     return int(value) if integer else float(value)
 
+
+# Readers for values of common shapes, each given its section and its row. -----------------
+
+
+def header_map(s: Section, f: Field) -> tuple[tuple[str, str], ...]:
+    raw = s.raw(f.key, f.default) or {}
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str | int | float) and not isinstance(
+                v, bool) for k, v in raw.items()):
+        s.report(f.key, f"must map header names to values, got {raw!r}")
+        return ()
+    pairs = tuple((k, str(v)) for k, v in raw.items())
+    for name, value in pairs:
+        if not name.isascii() or any(c in name for c in " :\r\n") or any(
+                c in value for c in "\r\n"):
+            s.report(f.key, f"header {name!r} is not a valid header line")
+    return pairs
+
+
+def path_prefixes(s: Section, f: Field) -> tuple[str, ...]:
+    raw = s.raw(f.key, f.default)
+    if not isinstance(raw, list) or not all(isinstance(p, str) and p.startswith("/") for p in raw):
+        s.report(f.key, f"must be a list of path prefixes starting with '/', got {raw!r}")
+        return tuple(f.default)
+    return tuple(raw)
+
+
+def strings(s: Section, f: Field, what: str) -> list[str]:
+    """A list of strings, where null means an empty list."""
+    raw = s.raw(f.key, f.default) or []
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        s.report(f.key, f"must be a list of {what}, got {raw!r}")
+        return []
+    return raw
+
+
+def http_url(s: Section, f: Field) -> str | None:
+    value = s.text(f.key, f.default)
+    if value and urlsplit(value).scheme not in ("http", "https"):
+        s.report(f.key, f"must be an http(s) URL, got {value!r}")
+    return value
+
+
+def only_value(s: Section, f: Field) -> Any:
+    """A section of one key (`{days: 90}`) read as that key's value."""
+    (value,) = read_section(s, f).values()
+    return value
+
+
+def moment(s: Section, f: Field) -> datetime | None:
+    value = s.raw(f.key)
+    if value is None:
+        return None
+    parsed = to_datetime(value)
+    if parsed is None:
+        s.report(f.key, f"must be a date or RFC 3339 time, got {value!r}")
+    return parsed
+
+
+def due(s: Section, f: Field) -> datetime | None:
+    if not s.has(f.key):
+        s.report(f.key, "is required")
+    return moment(s, f)
+
+
+def to_datetime(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
