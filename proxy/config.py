@@ -1,19 +1,33 @@
 """The routing YAML as typed, frozen objects; every problem reported at once with its key path.
 
-Rules: an unknown key is refused (with a did-you-mean), never accepted and ignored; relative
-paths are relative to the config file's directory; `fallback.on` may be spelt `on:` (which
-PyYAML reads as True) or `"on":`.
+Rules: each section is read by its table of fields below (key, type, default, bounds, doc), the
+one place its keys and defaults are written (proxy/fields.py); an unknown key is refused with a
+did-you-mean, never accepted and ignored; relative paths are relative to the config file's
+directory; `fallback.on` may be spelt `on:` (which PyYAML reads as True) or `"on":`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.fields import (
+    REQUIRED,
+    Field,
+    due,
+    header_map,
+    http_url,
+    moment,
+    only_value,
+    path_prefixes,
+    read_fields,
+    read_section,
+    strings,
+    to_datetime,
+)
 from proxy.yamlsource import ConfigError, Problem, Section, load_yaml, suggest
 
 PHASES = ("legacy", "shadow", "opt_in", "progressive", "default", "sunset")
@@ -21,7 +35,8 @@ BACKENDS = ("legacy", "next_gen")
 FALLBACK_KINDS = ("connect_error", "timeout", "5xx")
 USER_ID_KINDS = ("header", "cookie", "query", "json")
 
-__all__ = ["PHASES", "Config", "ConfigError", "Problem", "load_config", "parse_config"]
+__all__ = ["PHASES", "Config", "ConfigError", "Problem", "load_config", "parse_config",
+           "to_datetime"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,266 +239,113 @@ def parse_config(data: bytes | str, *, base: Path | None = None,
     except UnicodeDecodeError as exc:
         raise ConfigError([Problem("", "not UTF-8 text")]) from exc
     problems: list[Problem] = []
-    top = Section(load_yaml(text), "", problems)
-    base = base or Path.cwd()
-    config = Config(
-        listen=address(top, "listen", "0.0.0.0:8080"),
-        admin=read_admin(top.section("admin")),
-        backends=read_backends(top.section("backends")),
-        rollout=read_rollout(top.section("rollout")),
-        routing=read_routing(top.section("routing")),
-        shadow=read_shadow(top.section("shadow")),
-        fallback=read_fallback(top.section("fallback")),
-        limits=read_limits(top.section("limits")),
-        telemetry=read_telemetry(top.section("telemetry"), base),
-        guards=read_guards(top.section("guards")),
-        state=read_state(top.section("state"), base),
-        source=source,
-        version=hashlib.sha256(raw).hexdigest()[:12],
-    )
-    top.close(["listen", "admin", "backends", "rollout", "routing", "shadow", "fallback",
-               "limits", "telemetry", "guards", "state"])
+    values = read_fields(Section(load_yaml(text), "", problems), TOP)
     if problems:
         raise ConfigError(problems)
-    return config
+    config = Config(**values, source=source, version=hashlib.sha256(raw).hexdigest()[:12])
+    return rooted(config, base or Path.cwd())
 
 
-def address(section: Section, key: str, default: str) -> Address:
-    value = section.text(key, default) or default
+def rooted(config: Config, base: Path) -> Config:
+    """The file's relative paths, made relative to its directory rather than the cwd."""
+    telemetry, capture = config.telemetry, config.telemetry.capture
+    if capture is not None:
+        capture = replace(capture, file=base / capture.file)
+    trace_file = base / telemetry.trace_file if telemetry.trace_file else None
+    return replace(config, telemetry=replace(telemetry, trace_file=trace_file, capture=capture),
+                   state=replace(config.state, path=base / config.state.path))
+
+
+# Readers of the keys with structure, each given its section and its row. ---------------------
+
+
+def address(s: Section, f: Field) -> Address:
+    value = s.text(f.key, f.default) or f.default
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        section.report(key, f"must be HOST:PORT, got {value!r}")
-        host, _, port = default.rpartition(":")
+        s.report(f.key, f"must be HOST:PORT, got {value!r}")
+        host, _, port = f.default.rpartition(":")
     return Address(host.strip("[]") or "0.0.0.0", int(port))
 
 
-def read_admin(s: Section) -> AdminConfig:
-    result = AdminConfig(address(s, "listen", "127.0.0.1:9090"),
-                         s.text("token_env", "ROLLOUT_ADMIN_TOKEN") or "ROLLOUT_ADMIN_TOKEN")
-    s.close(["listen", "token_env"])
-    return result
+def json_paths(s: Section, f: Field) -> tuple[str, ...]:
+    return tuple(strings(s, f, "JSON paths"))
 
 
-def read_backends(s: Section) -> dict[str, BackendConfig]:
-    backends = {}
-    for name in BACKENDS:
-        if not s.has(name):
-            s.report("", f"missing backend {name!r}")
-            continue
-        backends[name] = read_backend(s.section(name), name)
-    s.close(BACKENDS)
-    return backends
+def redacted(s: Section, f: Field) -> frozenset[str]:
+    return frozenset(name.lower() for name in strings(s, f, "JSON field names"))
 
 
-def read_backend(s: Section, name: str) -> BackendConfig:
-    url = s.text("url", None)
+def http_methods(s: Section, f: Field) -> frozenset[str]:
+    methods = s.raw(f.key, f.default)
+    if not isinstance(methods, list) or not all(isinstance(m, str) and m for m in methods):
+        s.report(f.key, f"must be a list of HTTP methods, got {methods!r}")
+        methods = f.default
+    return frozenset(m.upper() for m in methods)
+
+
+def backend_url(s: Section, f: Field) -> str:
+    url = s.text(f.key, None)
     if url is None:
-        s.report("url", "is required, e.g. http://127.0.0.1:8001")
+        s.report(f.key, "is required, e.g. http://127.0.0.1:8001")
     elif urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-        s.report("url", f"must be an http:// or https:// URL, got {url!r}")
-    result = BackendConfig(
-        name=name, url=(url or "http://127.0.0.1").rstrip("/"),
-        timeout_s=s.number("timeout_s", 60, low=0, low_open=True) or 60,
-        connect_timeout_s=s.number("connect_timeout_s", 5, low=0, low_open=True) or 5,
-        max_connections=int(s.number("max_connections", 10_000, low=1, integer=True)
-                            or 10_000),
-        headers=header_map(s, "headers"),
-    )
-    s.close(["url", "timeout_s", "connect_timeout_s", "max_connections", "headers"])
-    return result
+        s.report(f.key, f"must be an http:// or https:// URL, got {url!r}")
+    return (url or "http://127.0.0.1").rstrip("/")
 
 
-def header_map(s: Section, key: str) -> tuple[tuple[str, str], ...]:
-    raw = s.raw(key, {}) or {}
-    if not isinstance(raw, dict) or not all(
-            isinstance(k, str) and k and isinstance(v, str | int | float) and not isinstance(
-                v, bool) for k, v in raw.items()):
-        s.report(key, f"must map header names to values, got {raw!r}")
-        return ()
-    pairs = tuple((k, str(v)) for k, v in raw.items())
-    for name, value in pairs:
-        if not name.isascii() or any(c in name for c in " :\r\n") or any(
-                c in value for c in "\r\n"):
-            s.report(key, f"header {name!r} is not a valid header line")
-    return pairs
+def salt(s: Section, f: Field) -> str:
+    return str(s.raw(f.key, f.default))  # a number is a salt too
 
 
-def read_rollout(s: Section) -> RolloutConfig:
-    result = RolloutConfig(
-        phase=s.choice("phase", "legacy", PHASES),
-        percentage=s.number("percentage", 0, low=0, high=100) or 0.0,
-        salt=str(s.raw("salt", "rollout")),
-        sunset_date=moment(s, "sunset_date"),
-        deprecation_date=moment(s, "deprecation_date"),
-        migration_url=s.text("migration_url", None),
-        schedule=read_schedule(s),
-        rollback_over_s=s.number("rollback_over_s", 0, low=0) or 0.0,
-    )
-    if result.sunset_date and result.deprecation_date and (
-            result.sunset_date < result.deprecation_date):
-        s.report("sunset_date", "must not be before rollout.deprecation_date (RFC 8594)")
-    s.close(["phase", "percentage", "salt", "sunset_date", "deprecation_date",
-             "migration_url", "schedule", "rollback_over_s"])
-    return result
-
-
-def moment(s: Section, key: str) -> datetime | None:
-    value = s.raw(key)
-    if value is None:
-        return None
-    parsed = to_datetime(value)
-    if parsed is None:
-        s.report(key, f"must be a date or RFC 3339 time, got {value!r}")
-    return parsed
-
-
-def to_datetime(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=UTC)
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    return None
-
-
-def read_schedule(s: Section) -> tuple[ScheduleStep, ...]:
-    steps = s.raw("schedule") or []
+def read_schedule(s: Section, f: Field) -> tuple[ScheduleStep, ...]:
+    steps = s.raw(f.key, f.default) or []
     if not isinstance(steps, list):
-        s.report("schedule", "must be a list of {at, phase?, percentage?}")
+        s.report(f.key, "must be a list of {at, phase?, percentage?}")
         return ()
     result = []
     for index, raw in enumerate(steps):
-        step = Section(raw, f"{s.key_path('schedule')}[{index}]", s.problems, s.line_of("schedule"))
-        at = moment(step, "at")
-        if at is None and not step.has("at"):
-            step.report("at", "is required")
-        phase = step.choice("phase", "legacy", PHASES) if step.has("phase") else None
-        pct = step.number("percentage", None, low=0, high=100)
-        if phase is None and pct is None:
+        step = Section(raw, f"{s.key_path(f.key)}[{index}]", s.problems, s.line_of(f.key))
+        values = read_fields(step, f.fields)
+        if not step.has("phase") and values["percentage"] is None:
             step.report("", "a step needs a phase, a percentage or both")
-        step.close(["at", "phase", "percentage"])
-        if at is not None:
-            result.append(ScheduleStep(at, phase, pct))
+        if values["at"] is not None:
+            result.append(ScheduleStep(**values))
     return tuple(sorted(result, key=lambda step: step.at))
 
 
-def read_routing(s: Section) -> RoutingConfig:
-    result = RoutingConfig(
-        user_id=read_user_id(s),
-        opt_header=s.text("opt_header", "X-Next-Gen") or "X-Next-Gen",
-        anonymous=s.choice("anonymous", "legacy", ("legacy", "random")),
-        paths=read_paths(s),
-        bucketing=s.choice("bucketing", "murmur3", ("murmur3", "unleash")),
-        session=read_session(s),
-        session_ttl_s=s.number("session_ttl_s", 3600, low=0, low_open=True) or 3600,
-        session_max=int(s.number("session_max", 100_000, low=1, integer=True) or 100_000),
-    )
-    s.close(["user_id", "opt_header", "anonymous", "paths", "bucketing", "session",
-             "session_ttl_s", "session_max"])
-    return result
-
-
-def read_user_id(s: Section) -> tuple[UserIdSource, ...]:
-    raw = s.raw("user_id", [{"header": "X-User-Id"}])
-    if not isinstance(raw, list):
-        raw = [raw]
+def read_user_id(s: Section, f: Field) -> tuple[UserIdSource, ...]:
+    raw = s.raw(f.key, f.default)
     sources = []
-    for index, item in enumerate(raw):
-        path = f"{s.key_path('user_id')}[{index}]"
+    for index, item in enumerate(raw if isinstance(raw, list) else [raw]):
+        path, line = f"{s.key_path(f.key)}[{index}]", s.line_of(f.key)
         if not (isinstance(item, dict) and len(item) == 1):
             s.problems.append(Problem(path, "must be one of {header: NAME}, {cookie: NAME}, "
-                                      f"{{query: NAME}}, {{json: FIELD}}, got {item!r}",
-                                      s.line_of("user_id")))
+                                      f"{{query: NAME}}, {{json: FIELD}}, got {item!r}", line))
             continue
         ((kind, name),) = item.items()
         if kind not in USER_ID_KINDS or not isinstance(name, str) or not name:
             s.problems.append(Problem(path, f"unknown source {kind!r}"
-                                      f"{suggest(kind, USER_ID_KINDS)}", s.line_of("user_id")))
+                                      f"{suggest(kind, USER_ID_KINDS)}", line))
             continue
         sources.append(UserIdSource(str(kind), name))
     return tuple(sources)
 
 
-def read_session(s: Section) -> UserIdSource | None:
-    raw = s.raw("session")
+def read_session(s: Section, f: Field) -> UserIdSource | None:
+    raw = s.raw(f.key)
     if raw is None:
         return None
-    if not (isinstance(raw, dict) and len(raw) == 1):
-        s.report("session", f"must be {{header: NAME}} or {{cookie: NAME}}, got {raw!r}")
-        return None
-    ((kind, name),) = raw.items()
+    kind, name = next(iter(raw.items())) if isinstance(raw, dict) and len(raw) == 1 else ("", "")
     if kind not in ("header", "cookie") or not isinstance(name, str) or not name:
-        s.report("session", f"must be {{header: NAME}} or {{cookie: NAME}}, got {raw!r}")
+        s.report(f.key, f"must be {{header: NAME}} or {{cookie: NAME}}, got {raw!r}")
         return None
     return UserIdSource(str(kind), name)
 
 
-def read_paths(s: Section, key: str = "paths", default: tuple[str, ...] = ("/",)
-               ) -> tuple[str, ...]:
-    raw = s.raw(key, list(default))
-    if not isinstance(raw, list) or not all(isinstance(p, str) and p.startswith("/") for p in raw):
-        s.report(key, f"must be a list of path prefixes starting with '/', got {raw!r}")
-        return default
-    return tuple(raw)
-
-
-def read_shadow(s: Section) -> ShadowConfig:
-    compare = s.section("compare")
-    ignore = compare.raw("ignore", []) or []
-    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
-        compare.report("ignore", f"must be a list of JSON paths, got {ignore!r}")
-        ignore = []
-    baseline = compare.number("baseline_sample", 0.0, low=0, high=1) or 0.0
-    compare.close(["ignore", "baseline_sample"])
-    budget = s.section("budget")
-    tokens_per_hour = budget.number("tokens_per_hour", None, low=0)
-    usd_per_hour = budget.number("usd_per_hour", None, low=0)
-    budget.close(["tokens_per_hour", "usd_per_hour"])
-    methods = s.raw("methods", ["GET", "HEAD", "POST"])
-    if not isinstance(methods, list) or not all(isinstance(m, str) and m for m in methods):
-        s.report("methods", f"must be a list of HTTP methods, got {methods!r}")
-        methods = ["GET", "HEAD", "POST"]
-    result = ShadowConfig(
-        sample=s.number("sample", 1.0, low=0, high=1) or 0.0,
-        max_in_flight=int(s.number("max_in_flight", 256, low=0, integer=True) or 0),
-        timeout_s=s.number("timeout_s", 60, low=0, low_open=True) or 60,
-        ignore=tuple(ignore),
-        methods=frozenset(m.upper() for m in methods),
-        exclude_paths=read_paths(s, "exclude_paths", ()),
-        headers=header_map(s, "headers"),
-        tokens_per_hour=tokens_per_hour, usd_per_hour=usd_per_hour,
-        baseline_sample=baseline,
-        max_held_bytes=int(s.number("max_held_bytes", 64 * 2**20, low=0, integer=True) or 0),
-    )
-    s.close(["sample", "max_in_flight", "timeout_s", "compare", "methods", "exclude_paths",
-             "headers", "budget", "max_held_bytes"])
-    return result
-
-
-def read_fallback(s: Section) -> FallbackConfig:
-    raw_on = s.raw("on", ["connect_error", "timeout", "5xx"])
-    kinds, statuses = read_fallback_on(s, raw_on)
-    circuit = read_circuit(s.section("circuit"))
-    result = FallbackConfig(
-        enabled=s.flag("enabled", True),
-        on=kinds, statuses=statuses,
-        attempts=int(s.number("attempts", 1, low=1, high=10, integer=True) or 1),
-        budget_ratio=s.number("budget_ratio", 0.2, low=0, high=1) or 0.0,
-        budget_window_s=s.number("budget_window_s", 10, low=0, low_open=True) or 10,
-        circuit=circuit,
-    )
-    s.close(["enabled", "on", "attempts", "budget_ratio", "budget_window_s", "circuit"])
-    return result
-
-
-def read_fallback_on(s: Section, raw: Any) -> tuple[frozenset[str], frozenset[int]]:
+def fallback_on(s: Section, f: Field) -> tuple[frozenset[str], frozenset[int]]:
+    raw = s.raw(f.key, f.default)
     if not isinstance(raw, list):
-        s.report("on", f"must be a list such as [connect_error, timeout, 5xx, 429], got {raw!r}")
+        s.report(f.key, f"must be a list such as [connect_error, timeout, 5xx, 429], got {raw!r}")
         return frozenset(FALLBACK_KINDS), frozenset()
     kinds, statuses = set(), set()
     for item in raw:
@@ -492,145 +354,242 @@ def read_fallback_on(s: Section, raw: Any) -> tuple[frozenset[str], frozenset[in
         elif item in FALLBACK_KINDS:
             kinds.add(str(item))
         else:
-            s.report("on", f"unknown failure kind {item!r}{suggest(item, FALLBACK_KINDS)}; "
+            s.report(f.key, f"unknown failure kind {item!r}{suggest(item, FALLBACK_KINDS)}; "
                      "use connect_error, timeout, 5xx or a status code")
     return frozenset(kinds), frozenset(statuses)
 
 
-def read_circuit(s: Section) -> CircuitConfig:
-    result = CircuitConfig(
-        consecutive_failures=int(s.number("consecutive_failures", 5, low=1, integer=True) or 5),
-        error_rate=s.number("error_rate", 0.5, low=0, high=1, low_open=True) or 0.5,
-        window_s=s.number("window_s", 10, low=0, low_open=True) or 10,
-        min_requests=int(s.number("min_requests", 20, low=1, integer=True) or 20),
-        cooldown_s=s.number("cooldown_s", 30, low=0, low_open=True) or 30,
-        probes=int(s.number("probes", 3, low=1, integer=True) or 3),
-    )
-    s.close(["consecutive_failures", "error_rate", "window_s", "min_requests", "cooldown_s",
-             "probes"])
-    return result
-
-
-def read_limits(s: Section) -> LimitsConfig:
-    result = LimitsConfig(
-        max_body_bytes=int(s.number("max_body_bytes", 10_485_760, low=0, integer=True) or 0),
-        header_timeout_s=s.number("header_timeout_s", 10, low=0, low_open=True) or 10,
-        max_in_flight=int(s.number("max_in_flight", 10_000, low=1, integer=True) or 10_000),
-        trusted_hops=int(s.number("trusted_hops", 0, low=0, integer=True) or 0),
-        drain_timeout_s=s.number("drain_timeout_s", 30, low=0) or 0.0,
-        max_header_bytes=int(s.number("max_header_bytes", 65536, low=1024, integer=True)
-                             or 65536),
-    )
-    s.close(["max_body_bytes", "header_timeout_s", "max_in_flight", "trusted_hops",
-             "drain_timeout_s", "max_header_bytes"])
-    return result
-
-
-def read_extract(s: Section, key: str, default: Extract) -> Extract:
-    if not s.has(key):
-        return default
-    sub = s.section(key)
-    if sub.data == {} and s.raw(key) is None:
-        return Extract()
-    json_path = sub.text("json", None)
-    result = Extract(header=sub.text("header", None),
-                     json=tuple(json_path.split(".")) if json_path else None)
-    sub.close(["header", "json"])
-    return result
-
-
-def read_telemetry(s: Section, base: Path) -> TelemetryConfig:
-    trace = s.text("trace_file", "traces/comparisons.jsonl")
-    result = TelemetryConfig(
-        tokens=read_extract(s, "tokens", Extract("X-Tokens-Used", ("usage", "total_tokens"))),
-        success=read_extract(s, "success", Extract(json=("success",))),
-        memory=read_extract(s, "memory", Extract("X-Memory-MB")),
-        trace_file=(base / trace) if trace else None,
-        trace_max_bytes=int(s.number("trace_max_bytes", 100 * 2**20, low=1024, integer=True)
-                            or 100 * 2**20),
-        trace_keep=int(s.number("trace_keep", 5, low=0, integer=True) or 0),
-        json_max_bytes=int(s.number("json_max_bytes", 1 * 2**20, low=0, integer=True) or 0),
-        usd_per_1k_tokens=read_cost(s.section("cost")),
-        active_users_days=read_active_users(s.section("active_users")),
-        capture=read_capture(s, base),
-    )
-    s.close(["tokens", "success", "memory", "trace_file", "trace_max_bytes", "trace_keep",
-             "json_max_bytes", "cost", "active_users", "capture"])
-    return result
-
-
-def read_cost(s: Section) -> dict[str, float]:
-    prices = {}
-    for name in BACKENDS:
-        if s.has(name):
-            backend = s.section(name)
-            prices[name] = backend.number("usd_per_1k_tokens", 0.0, low=0) or 0.0
-            backend.close(["usd_per_1k_tokens"])
-    s.close(BACKENDS)
-    return prices
-
-
-def read_active_users(s: Section) -> int:
-    days = int(s.number("days", 90, low=1, high=3660, integer=True) or 90)
-    s.close(["days"])
-    return days
-
-
-def read_capture(s: Section, base: Path) -> CaptureConfig | None:
-    if s.raw("capture") is None:
-        return None
-    c = s.section("capture")
-    file = c.text("file", None)
+def capture_file(s: Section, f: Field) -> Path:
+    file = s.text(f.key, None)
     if not file:
-        c.report("file", "is required, e.g. captures/patterns.jsonl")
-    redact = c.raw("redact", ["password", "token", "api_key", "secret"]) or []
-    if not isinstance(redact, list) or not all(isinstance(r, str) for r in redact):
-        c.report("redact", f"must be a list of JSON field names, got {redact!r}")
-        redact = []
-    result = CaptureConfig(
-        file=base / (file or "captures/patterns.jsonl"),
-        per_pattern=int(c.number("per_pattern", 3, low=0, integer=True) or 0),
-        max_body_bytes=int(c.number("max_body_bytes", 65536, low=0, integer=True) or 0),
-        redact=frozenset(r.lower() for r in redact),
-        # 1,000 patterns x 3 samples x 64 KiB bounds capture near 200 MB at worst.
-        max_patterns=int(c.number("max_patterns", 1_000, low=1, integer=True) or 1_000),
-    )
-    c.close(["file", "per_pattern", "max_body_bytes", "redact", "max_patterns"])
-    return result
+        s.report(f.key, "is required, e.g. captures/patterns.jsonl")
+    return Path(file or ".")
 
 
-def read_guards(s: Section) -> GuardsConfig:
-    def limit(key: str, default: float | None) -> float | None:
-        return s.number(key, default, low=0)
-
-    result = GuardsConfig(
-        window_s=s.number("window_s", 300, low=0, low_open=True) or 300,
-        min_requests=int(s.number("min_requests", 50, low=1, integer=True) or 50),
-        error_rate=s.number("error_rate", 0.05, low=0, high=1),
-        latency_degradation=limit("latency_degradation", 0.20),
-        memory_spike=limit("memory_spike", 2.0),
-        max_tokens=limit("max_tokens", 20000),
-        max_time_ms=limit("max_time_ms", None),
-        complaints_per_hour=limit("complaints_per_hour", 10),
-        action=s.choice("action", "rollback", ("rollback", "alert")),
-        webhook=s.text("webhook", None),
-    )
-    if result.webhook and urlsplit(result.webhook).scheme not in ("http", "https"):
-        s.report("webhook", f"must be an http(s) URL, got {result.webhook!r}")
-    s.close(["window_s", "min_requests", "error_rate", "latency_degradation", "memory_spike",
-             "max_tokens", "max_time_ms", "complaints_per_hour", "action", "webhook"])
-    return result
+def extract(s: Section, f: Field) -> Extract:
+    values = read_section(s, f)
+    json_path = values["json"]
+    return Extract(values["header"], tuple(json_path.split(".")) if json_path else None)
 
 
-def read_state(s: Section, base: Path) -> StateConfig:
-    result = StateConfig(
-        backend=s.choice("backend", "file", ("file", "redis")),
-        path=base / (s.text("path", "state/rollout-state.json") or "state/rollout-state.json"),
-        redis_url=s.text("redis_url", None),
-    )
-    if result.backend == "redis" and not result.redis_url:
-        s.report("redis_url", "is required with state.backend: redis, e.g. redis://127.0.0.1:6379/0")
-    elif result.redis_url and urlsplit(result.redis_url).scheme not in ("redis", "rediss", "unix"):
-        s.report("redis_url", f"must be a redis:// URL, got {result.redis_url!r}")
-    s.close(["backend", "path", "redis_url"])
-    return result
+# Sections whose keys do not map one to one onto their dataclass, or that check across keys. --
+
+
+def read_backend(s: Section, f: Field) -> BackendConfig | None:
+    if not s.has(f.key):
+        s.report("", f"missing backend {f.key!r}")
+        return None
+    return BackendConfig(name=f.key, **read_section(s, f))
+
+
+def read_backends(s: Section, f: Field) -> dict[str, BackendConfig]:
+    return {name: backend for name, backend in read_section(s, f).items() if backend is not None}
+
+
+def read_rollout(s: Section, f: Field) -> RolloutConfig:
+    section = s.section(f.key)
+    rollout = RolloutConfig(**read_fields(section, f.fields))
+    if rollout.sunset_date and rollout.deprecation_date and (
+            rollout.sunset_date < rollout.deprecation_date):
+        section.report("sunset_date", "must not be before rollout.deprecation_date (RFC 8594)")
+    return rollout
+
+
+def read_shadow(s: Section, f: Field) -> ShadowConfig:
+    values = read_section(s, f)
+    budget, compare = values.pop("budget"), values.pop("compare")
+    return ShadowConfig(**values, **budget, **compare)  # their keys are ShadowConfig's own
+
+
+def read_fallback(s: Section, f: Field) -> FallbackConfig:
+    values = read_section(s, f)
+    on, statuses = values.pop("on")
+    return FallbackConfig(**values, on=on, statuses=statuses)
+
+
+def read_telemetry(s: Section, f: Field) -> TelemetryConfig:
+    values = read_section(s, f)
+    prices, days = values.pop("cost"), values.pop("active_users")
+    return TelemetryConfig(**values, active_users_days=days, usd_per_1k_tokens={
+        name: price for name, price in prices.items() if price is not None})
+
+
+def read_capture(s: Section, f: Field) -> CaptureConfig | None:
+    return None if s.raw(f.key) is None else CaptureConfig(**read_section(s, f))
+
+
+def read_state(s: Section, f: Field) -> StateConfig:
+    section = s.section(f.key)
+    state = StateConfig(**read_fields(section, f.fields))
+    if state.backend == "redis" and not state.redis_url:
+        section.report("redis_url", "is required with state.backend: redis, "
+                       "e.g. redis://127.0.0.1:6379/0")
+    elif state.redis_url and urlsplit(state.redis_url).scheme not in ("redis", "rediss", "unix"):
+        section.report("redis_url", f"must be a redis:// URL, got {state.redis_url!r}")
+    return state
+
+
+# The tables: every key the file may hold, its type, its default as written, bounds, purpose. -
+
+BACKEND = (
+    Field("url", str, REQUIRED, "http:// or https:// base URL", read=backend_url),
+    Field("timeout_s", float, 60, "first byte, and the longest silence mid-answer", low=0,
+          low_open=True),
+    Field("connect_timeout_s", float, 5, "TCP connect", low=0, low_open=True),
+    Field("max_connections", int, 10_000, "bound of its connection pool", low=1),
+    Field("headers", tuple[tuple[str, str], ...], {}, "sent on every request to it",
+          read=header_map),
+)
+STEP = (
+    Field("at", datetime, REQUIRED, "when due: a date or RFC 3339 time", read=due),
+    Field("phase", str | None, None, "the phase from then on", choices=PHASES),
+    Field("percentage", float | None, None, "the percentage from then on", low=0, high=100),
+)
+ROLLOUT = (
+    Field("phase", str, "legacy", "who next_gen serves", choices=PHASES),
+    Field("percentage", float, 0, "share of users on next_gen", low=0, high=100),
+    Field("salt", str, "rollout", "changing it reshuffles every user", read=salt),
+    Field("sunset_date", datetime | None, None, "Sunset header in `default`", read=moment),
+    Field("deprecation_date", datetime | None, None, "Deprecation header", read=moment),
+    Field("migration_url", str | None, None, "Link rel=deprecation; named in sunset's 410"),
+    Field("schedule", tuple[ScheduleStep, ...], [], "steps applied when due and guards pass",
+          fields=STEP, read=read_schedule),
+    Field("rollback_over_s", float, 0, "a manual rollback steps down over this long", low=0),
+)
+ROUTING = (
+    Field("user_id", tuple[UserIdSource, ...], [{"header": "X-User-Id"}],
+          "where the user id is looked for, first found wins", read=read_user_id),
+    Field("opt_header", str, "X-Next-Gen", "1|true|yes opts in, 0|false|no opts out"),
+    Field("anonymous", str, "legacy", "where requests without a user id go",
+          choices=("legacy", "random")),
+    Field("paths", tuple[str, ...], ["/"], "prefixes under the rollout", read=path_prefixes),
+    Field("bucketing", str, "murmur3", "how a bucket is computed",
+          choices=("murmur3", "unleash")),
+    Field("session", UserIdSource | None, None, "{header|cookie: NAME} pinned to a backend",
+          read=read_session),
+    Field("session_ttl_s", float, 3600, "a pin's life after its last request", low=0,
+          low_open=True),
+    Field("session_max", int, 100_000, "pins kept, least recently used out first", low=1),
+)
+COMPARE = (
+    Field("ignore", tuple[str, ...], [], "JSON paths left out", read=json_paths),
+    Field("baseline_sample", float, 0.0, "share also sent again to legacy, to learn noise",
+          low=0, high=1),
+)
+BUDGET = (
+    Field("tokens_per_hour", float | None, None, "mirrors dropped past this", low=0),
+    Field("usd_per_hour", float | None, None, "mirrors dropped past this", low=0),
+)
+SHADOW = (
+    Field("sample", float, 1.0, "fraction of eligible requests mirrored", low=0, high=1),
+    Field("max_in_flight", int, 256, "beyond this a mirror is dropped, never queued", low=0),
+    Field("timeout_s", float, 60, "first byte, and the longest silence mid-answer", low=0,
+          low_open=True),
+    Field("compare", dict, {}, "how two answers are compared", fields=COMPARE),
+    Field("methods", frozenset[str], ["GET", "HEAD", "POST"], "the methods mirrored",
+          read=http_methods),
+    Field("exclude_paths", tuple[str, ...], [], "prefixes never mirrored", read=path_prefixes),
+    Field("headers", tuple[tuple[str, str], ...], {}, "added to every copy", read=header_map),
+    Field("budget", dict, {}, "spend caps on mirroring", fields=BUDGET),
+    Field("max_held_bytes", int, 64 * 2**20, "answers parked for their other half", low=0),
+)
+CIRCUIT = (
+    Field("consecutive_failures", int, 5, "open after this many failures in a row", low=1),
+    Field("error_rate", float, 0.5, "or this error rate over window_s", low=0, high=1,
+          low_open=True),
+    Field("window_s", float, 10, "the error rate's window", low=0, low_open=True),
+    Field("min_requests", int, 20, "requests in the window before the rate counts", low=1),
+    Field("cooldown_s", float, 30, "skip next_gen this long once open", low=0, low_open=True),
+    Field("probes", int, 3, "requests probing next_gen before it closes", low=1),
+)
+FALLBACK = (
+    Field("enabled", bool, True, "retry on legacy when next_gen fails"),
+    Field("on", tuple[frozenset[str], frozenset[int]], list(FALLBACK_KINDS),
+          "failure kinds, and status codes", read=fallback_on),
+    Field("attempts", int, 1, "tries on legacy after next_gen failed", low=1, high=10),
+    Field("budget_ratio", float, 0.2, "fallbacks at most this share of requests", low=0,
+          high=1),
+    Field("budget_window_s", float, 10, "the budget's window", low=0, low_open=True),
+    Field("circuit", CircuitConfig, {}, "the breaker on next_gen", fields=CIRCUIT),
+)
+LIMITS = (
+    Field("max_body_bytes", int, 10_485_760, "larger request bodies get 413", low=0),
+    Field("header_timeout_s", float, 10, "request head not in by then: 408", low=0,
+          low_open=True),
+    Field("max_in_flight", int, 10_000, "client requests at once; beyond, 503", low=1),
+    Field("trusted_hops", int, 0, "X-Forwarded-* kept behind this many proxies", low=0),
+    Field("drain_timeout_s", float, 30, "in-flight requests' time on SIGTERM", low=0),
+    Field("max_header_bytes", int, 65536, "a backend's answer head past this: 502", low=1024),
+)
+EXTRACT = (
+    Field("header", str | None, None, "the response header holding the figure"),
+    Field("json", str | None, None, "else a dotted path into the JSON body"),
+)
+PRICE = (Field("usd_per_1k_tokens", float, 0.0, "USD per 1,000 tokens", low=0),)
+CAPTURE = (
+    Field("file", Path, REQUIRED, "where the samples are kept", read=capture_file),
+    Field("per_pattern", int, 3, "samples kept per usage pattern", low=0),
+    Field("max_body_bytes", int, 65536, "a larger body is kept truncated", low=0),
+    Field("redact", frozenset[str], ["password", "token", "api_key", "secret"],
+          "JSON fields blanked", read=redacted),
+    # 1,000 patterns x 3 samples x 64 KiB bounds capture near 200 MB at worst.
+    Field("max_patterns", int, 1_000, "patterns kept", low=1),
+)
+TELEMETRY = (
+    Field("tokens", Extract, {"header": "X-Tokens-Used", "json": "usage.total_tokens"},
+          "tokens an answer used", fields=EXTRACT, read=extract),
+    Field("success", Extract, {"json": "success"}, "else: status < 500", fields=EXTRACT,
+          read=extract),
+    Field("memory", Extract, {"header": "X-Memory-MB"}, "memory an answer took",
+          fields=EXTRACT, read=extract),
+    Field("trace_file", Path | None, "traces/comparisons.jsonl", "the comparisons; null: off"),
+    Field("trace_max_bytes", int, 100 * 2**20, "rotate the trace past this", low=1024),
+    Field("trace_keep", int, 5, "rotated trace files kept", low=0),
+    Field("json_max_bytes", int, 2**20, "larger answers are not parsed for figures", low=0),
+    Field("cost", dict, {}, "prices per backend; unset: no cost figured", fields=tuple(
+        Field(name, float | None, None, f"{name}'s price", fields=PRICE, read=only_value)
+        for name in BACKENDS)),
+    Field("active_users", int, {}, "distinct users per backend per UTC day", fields=(
+        Field("days", int, 90, "days kept", low=1, high=3660),), read=only_value),
+    Field("capture", CaptureConfig | None, None, "usage-pattern samples, for replay",
+          fields=CAPTURE, read=read_capture),
+)
+GUARDS = (
+    Field("window_s", float, 300, "the window each guard judges", low=0, low_open=True),
+    Field("min_requests", int, 50, "next_gen answers before a guard judges", low=1),
+    Field("error_rate", float | None, 0.05, "next_gen error rate above this", low=0, high=1),
+    Field("latency_degradation", float | None, 0.20, "p50 this much above legacy's", low=0),
+    Field("memory_spike", float | None, 2.0, "memory this many times legacy's", low=0),
+    Field("max_tokens", float | None, 20000, "mean tokens per request above this", low=0),
+    Field("max_time_ms", float | None, None, "p95 time above this", low=0),
+    Field("complaints_per_hour", float | None, 10, "complaints an hour above this", low=0),
+    Field("action", str, "rollback", "what a trip does", choices=("rollback", "alert")),
+    Field("webhook", str | None, None, "receives a JSON POST on every trip", read=http_url),
+)
+STATE = (
+    Field("backend", str, "file", "redis: replicas share state", choices=("file", "redis")),
+    Field("path", Path, "state/rollout-state.json", "the state file"),
+    Field("redis_url", str | None, None, "redis://HOST:PORT/DB"),
+)
+ADMIN = (
+    Field("listen", Address, "127.0.0.1:9090", "/metrics, /healthz, /readyz, /admin/*",
+          read=address),
+    Field("token_env", str, "ROLLOUT_ADMIN_TOKEN", "env var with the bearer token"),
+)
+TOP = (
+    Field("listen", Address, "0.0.0.0:8080", "client traffic", read=address),
+    Field("admin", AdminConfig, {}, "the admin listener", fields=ADMIN),
+    Field("backends", dict[str, BackendConfig], REQUIRED, "legacy and next_gen", fields=tuple(
+        Field(name, BackendConfig, REQUIRED, f"the {name} service", fields=BACKEND,
+              read=read_backend) for name in BACKENDS), read=read_backends),
+    Field("rollout", RolloutConfig, {}, "who goes where", fields=ROLLOUT, read=read_rollout),
+    Field("routing", RoutingConfig, {}, "how a user is found", fields=ROUTING),
+    Field("shadow", ShadowConfig, {}, "mirroring", fields=SHADOW, read=read_shadow),
+    Field("fallback", FallbackConfig, {}, "retry on legacy", fields=FALLBACK,
+          read=read_fallback),
+    Field("limits", LimitsConfig, {}, "bounds on client traffic", fields=LIMITS),
+    Field("telemetry", TelemetryConfig, {}, "what answers measured", fields=TELEMETRY,
+          read=read_telemetry),
+    Field("guards", GuardsConfig, {}, "when next_gen is rolled back", fields=GUARDS),
+    Field("state", StateConfig, {}, "rollout state", fields=STATE, read=read_state),
+)

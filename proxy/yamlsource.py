@@ -101,8 +101,9 @@ class Section:
                 return self.data[name]
         return default
 
-    def section(self, key: str) -> Section:
-        return Section(self.raw(key), self.key_path(key), self.problems, self.line_of(key))
+    def section(self, key: str, default: Any = None) -> Section:
+        return Section(self.raw(key, default), self.key_path(key), self.problems,
+                       self.line_of(key))
 
     def number(self, key: str, default: float | None, *, low: float | None = None,
                high: float | None = None, integer: bool = False,

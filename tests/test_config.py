@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import string
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import MISSING, fields, is_dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import Config, ConfigError, load_config, parse_config
+from proxy.config import TOP, Config, ConfigError, Extract, load_config, parse_config
+from proxy.fields import REQUIRED, Field
 from tests.conftest import ROOT, config_dict, deep_merge
 
 EXAMPLE = ROOT / "config" / "routing.yaml"
@@ -507,3 +510,153 @@ def test_junk_key_is_always_reported_never_accepted(section: str, data: st.DataO
 
     assert len(problems) == 1
     assert problems[0].startswith(f"{path}: unknown key")
+
+
+# The field tables ----------------------------------------------------------------------------
+
+
+def sections(table: tuple[Field, ...] = TOP, path: str = ""
+             ) -> Iterator[tuple[str, tuple[Field, ...]]]:
+    """Every mapping of the file whose keys each have their own default, by key path."""
+    yield path, table
+    for row in table:
+        if row.fields and (row.default == {} or row.default is REQUIRED):
+            yield from sections(row.fields, joined(path, row.key))
+
+
+def joined(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+ROWS = [(joined(path, row.key), row) for path, table in sections() for row in table]
+NUMBERS = [(path, row) for path, row in ROWS
+           if row.read is None and not row.fields and row.base_type in (int, float)]
+# `cost.<backend>: null` is a price of 0; left out, the backend has no price and no cost.
+NULL_IS_NOT_ABSENT = {"telemetry.cost.legacy", "telemetry.cost.next_gen"}
+
+
+def minimal(**sections: Any) -> str:
+    return yaml.safe_dump(deep_merge(yaml.safe_load(MINIMAL), sections))
+
+
+def loaded(**sections: Any) -> Config:
+    return comparable(parse_config(minimal(**sections)))
+
+
+@pytest.mark.parametrize(("path", "row"), [
+    pytest.param(path, row, id=path) for path, row in ROWS if row.default is not REQUIRED
+    and not (row.fields and row.default == {}) and path not in NULL_IS_NOT_ABSENT])
+def test_every_field_written_as_its_default_loads_as_if_left_out(path: str, row: Field) -> None:
+    # A finite table: every row is checked, where hypothesis would sample some.
+    assert loaded(**nested(path, row.default)) == loaded()
+
+
+@pytest.mark.parametrize(("path", "row"), [pytest.param(path, row, id=path)
+                                           for path, row in NUMBERS if not row.optional])
+def test_null_on_a_figure_that_cannot_be_off_is_0_if_allowed_else_its_default(
+        path: str, row: Field) -> None:
+    meant = 0 if row.allows(0) else row.default
+
+    assert loaded(**nested(path, None)) == loaded(**nested(path, meant))
+
+
+def test_each_plain_field_has_the_type_of_its_dataclass_field_and_a_one_line_doc() -> None:
+    checked = 0
+    for _, table in sections():
+        for row in table:
+            assert row.doc and "\n" not in row.doc, row.key
+            if not (row.fields and is_dataclass(row.type)) or row.type is Extract:
+                continue  # Extract holds `json` split at its dots
+            hints = get_type_hints(row.type)
+            for child in row.fields:
+                if child.read is None and not child.fields and child.key in hints:
+                    assert child.type == hints[child.key], (row.key, child.key)
+                    checked += 1
+    assert checked > 50
+
+
+def test_dataclass_defaults_agree_with_the_table_defaults() -> None:
+    config = parse_config(MINIMAL)
+    values = [config.rollout, config.routing, config.shadow, config.limits, config.telemetry,
+              *config.backends.values()]
+
+    for value in values:
+        for spec in fields(value):
+            if spec.default is not MISSING:
+                assert getattr(value, spec.name) == spec.default, spec.name
+            elif spec.default_factory is not MISSING:
+                assert getattr(value, spec.name) == spec.default_factory(), spec.name
+
+
+def out_of_bounds(row: Field) -> st.SearchStrategy[float]:
+    low, high = row.low, row.high
+    below = above = st.nothing()
+    if row.base_type is int:
+        if low is not None:
+            below = st.integers(max_value=math.ceil(low) - 1)
+        if high is not None:
+            above = st.integers(min_value=math.floor(high) + 1)
+        return below | above
+    if low is not None:
+        below = st.floats(max_value=low, exclude_max=not row.low_open, allow_nan=False,
+                          allow_infinity=False)
+    if high is not None:
+        above = st.floats(min_value=high, exclude_min=True, allow_nan=False,
+                          allow_infinity=False)
+    return below | above
+
+
+def within_bounds(row: Field) -> st.SearchStrategy[float]:
+    low = row.low if row.low is not None else -1e12
+    high = row.high if row.high is not None else 1e12
+    if row.base_type is int:
+        return st.integers(math.ceil(low), math.floor(high))
+    return st.floats(low, high, exclude_min=row.low_open)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_a_figure_outside_its_bounds_is_refused_at_its_key_path(data: st.DataObject) -> None:
+    path, row = data.draw(st.sampled_from(NUMBERS), label="field")
+    value = data.draw(out_of_bounds(row), label="value")
+
+    problems = problems_of(minimal(**nested(path, value)))
+
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{path}: must be ")
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_a_figure_within_its_bounds_loads_and_counts(data: st.DataObject) -> None:
+    path, row = data.draw(st.sampled_from(NUMBERS), label="field")
+    value = data.draw(within_bounds(row), label="value")
+
+    config = loaded(**nested(path, value))
+
+    assert (config == loaded()) == (value == row.default)
+
+
+@st.composite
+def near_misses(draw: st.DrawFn) -> tuple[str, str, str]:
+    """(section path, real key, the key mistyped by one dropped, doubled or swapped letter)."""
+    path, table = draw(st.sampled_from(list(sections())))
+    keys = [row.key for row in table]
+    key = draw(st.sampled_from([k for k in keys if len(k) >= 4]))
+    at = draw(st.integers(0, len(key) - 2))
+    typo = draw(st.sampled_from([key[:at] + key[at + 1:], key[:at] + key[at] + key[at:],
+                                 key[:at] + key[at + 1] + key[at] + key[at + 2:]]))
+    assume(typo not in keys)
+    return path, key, typo
+
+
+@settings(max_examples=200, deadline=None)
+@given(miss=near_misses())
+def test_a_key_one_slip_from_a_real_one_is_refused_naming_that_one(
+        miss: tuple[str, str, str]) -> None:
+    path, key, typo = miss
+
+    problems = problems_of(minimal(**nested(joined(path, typo), 1)))
+
+    assert f"{joined(path, typo)}: unknown key (did you mean {key!r}?)" in [
+        p.rsplit(" (line ", 1)[0] for p in problems]
