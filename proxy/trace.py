@@ -1,7 +1,9 @@
 """The comparison trace: JSON Lines written by a buffered background writer.
 
 Rules: the event loop never touches the disk (writes run in a thread); the buffer is bounded
-(past it a line is dropped and counted, never blocking traffic); the file rotates by size
+in lines and in bytes (a line can be long: a request's path, a diff of long JSON keys): past
+either, a line is dropped and counted, never blocking traffic. While one batch is written the
+next fills, so at most twice the bound waits for the disk. The file rotates by size
 (X → X.1 → X.2 …, `keep` old files); `close()` flushes every buffered line.
 """
 
@@ -21,6 +23,8 @@ from proxy.observe import COMPACT
 
 log = logging.getLogger("rollout_proxy")
 MAX_BUFFERED = 100_000
+MAX_BUFFERED_BYTES = 64 * 2**20
+FLUSH_LINES, FLUSH_BYTES = 1000, 2**20  # either wakes the writer before its interval
 
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
@@ -43,6 +47,7 @@ class TraceWriter:
         self.rotate = rotate  # with --workers only worker 0 rotates; the others append
         self.metrics, self.interval_s = metrics, interval_s
         self.buffer: list[str] = []
+        self.buffered_bytes = 0  # characters in buffer: its lines are ASCII (COMPACT, json_value)
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
@@ -53,12 +58,14 @@ class TraceWriter:
 
     def write_line(self, line: str) -> None:
         """One JSON document, already encoded, without its newline."""
-        if len(self.buffer) >= MAX_BUFFERED:
+        size = len(line) + 1
+        if len(self.buffer) >= MAX_BUFFERED or self.buffered_bytes + size > MAX_BUFFERED_BYTES:
             self.metrics.traced("dropped")
             return
         self.buffer.append(line + "\n")
+        self.buffered_bytes += size
         self.metrics.traced("written")
-        if len(self.buffer) >= 1000:
+        if len(self.buffer) >= FLUSH_LINES or self.buffered_bytes >= FLUSH_BYTES:
             self.wake.set()
 
     async def run(self) -> None:
@@ -72,7 +79,7 @@ class TraceWriter:
         async with self.lock:
             if not self.buffer:
                 return
-            lines, self.buffer = self.buffer, []
+            lines, self.buffer, self.buffered_bytes = self.buffer, [], 0
             try:
                 # Shielded: a cancelled flush leaves its write to finish, and close() waits.
                 self.writing = asyncio.ensure_future(

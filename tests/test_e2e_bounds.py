@@ -11,17 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from proxy import trace as trace_module
 from proxy.events import MAX_LINE
-from tests.conftest import Running, config_dict, deep_merge, running, write_config
+from tests.conftest import (
+    Backend,
+    Running,
+    config_dict,
+    deep_merge,
+    running,
+    serve_app,
+    write_config,
+)
 from tests.test_e2e_data_path import WAIT, assert_proxy_error, raw_backend
 
 pytestmark = pytest.mark.timeout(60)
@@ -274,3 +286,357 @@ async def test_an_sse_line_past_max_line_reaches_the_client_whole_and_is_not_kep
     assert proxy.metric("rollout_tokens_total", backend="legacy", role="primary") == 77
     # the body (6 MiB) is held by the client here; the parser kept none of it
     assert watch.grew < len(body) + FLAT, watch
+
+
+# The request: aiohttp's head limits, limits.max_body_bytes -----------------------------------
+
+
+async def endless_request(proxy: Running, start: bytes, piece: bytes) -> tuple[bytes, int]:
+    """A client writing `start`, then `piece` again and again (at most ENDLESS bytes) while
+    it reads what the proxy answers: (the answer, how many bytes it had sent by then)."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    sent = 0
+
+    async def write() -> None:
+        nonlocal sent
+        with contextlib.suppress(ConnectionError):
+            writer.write(start)
+            while sent < ENDLESS:
+                writer.write(piece)
+                sent += len(piece)
+                await writer.drain()
+
+    writing = asyncio.ensure_future(write())
+    try:
+        async with asyncio.timeout(WAIT):
+            answer = await reader.read(65536)
+    finally:
+        writing.cancel()
+        writer.close()
+    return answer, sent
+
+
+REQUEST_HEADS = {
+    "header_value_of_mebibytes": (b"GET / HTTP/1.1\r\nHost: proxy\r\nX-A: ", b"a" * 4096),
+    "endless_header_lines": (b"GET / HTTP/1.1\r\nHost: proxy\r\n",
+                             b"X-A: " + b"a" * 100 + b"\r\n"),
+    "endless_request_line": (b"GET /", b"a" * 4096),
+}
+
+
+@pytest.mark.parametrize("start, piece", REQUEST_HEADS.values(), ids=REQUEST_HEADS.keys())
+async def test_a_request_head_past_aiohttps_limits_gets_a_json_400_and_memory_stays_flat(
+        tmp_path: Path, start: bytes, piece: bytes) -> None:
+    async with raw_backend(json_ok) as legacy, running(tmp_path, config_dict(legacy, legacy)
+                                                       ) as proxy, watching() as watch:
+        answer, sent = await endless_request(proxy, start, piece)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] in (b"400", b"431"), head
+    assert b"application/json" in head.lower() and json.loads(body)["error"]
+    assert sent < 16 * MiB, sent
+    assert watch.grew < FLAT, watch
+
+
+async def test_an_endless_request_body_gets_413_and_memory_stays_flat(tmp_path: Path) -> None:
+    chunked = b"POST /v1/tasks HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with raw_backend(json_ok) as legacy:
+        data = config_dict(legacy, legacy, limits={"max_body_bytes": MiB})
+        async with running(tmp_path, data) as proxy, watching() as watch:
+            answer, sent = await endless_request(proxy, chunked, chunk(b"b" * 65536))
+    # The answer comes at the bound. aiohttp then reads and drops what the client still
+    # sends for up to its lingering_time (10 s) before it closes, so the 413 can be read.
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+    assert sent < 16 * MiB, sent
+    assert watch.grew < FLAT, watch
+
+
+# The answer's body: h1.HIGH_WATER, telemetry.json_max_bytes ----------------------------------
+
+
+async def test_a_client_that_reads_nothing_holds_the_backend_not_the_proxys_memory(
+        tmp_path: Path) -> None:
+    progress = asyncio.Event()
+    sent: list[int] = []
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n" % ENDLESS)
+        total = 0
+        with contextlib.suppress(ConnectionError):
+            while total < ENDLESS:
+                writer.write(b"f" * 65536)
+                await writer.drain()
+                total += 65536
+                progress.set()
+        sent.append(total)
+
+    async with raw_backend(flood) as legacy, running(tmp_path, config_dict(legacy, legacy)
+                                                     ) as proxy, watching() as watch:
+        host, port = proxy.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /big HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        try:
+            async with asyncio.timeout(20):  # until the backend can write no more
+                while True:
+                    progress.clear()
+                    try:
+                        await asyncio.wait_for(progress.wait(), 0.5)
+                    except TimeoutError:
+                        break
+            grew = watch.grew
+        finally:
+            writer.close()
+    assert not sent or sent[0] < ENDLESS  # it was held back
+    assert grew < FLAT, watch
+
+
+async def test_a_json_answer_past_json_max_bytes_passes_whole_and_is_not_kept(
+        tmp_path: Path) -> None:
+    """A 40 MiB JSON answer, from legacy and next_gen in shadow: the client gets every byte,
+    neither copy is kept to be parsed (its figures are not read), memory stays flat."""
+    size = 40 * MiB
+
+    async def big_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % size)
+        writer.write(b'{"pad": "')
+        left = size - len(b'{"pad": "') - len(b'", "usage": {"total_tokens": 5}}')
+        while left > 0:
+            writer.write(b"p" * min(left, 65536))
+            left -= 65536
+            await writer.drain()
+        writer.write(b'", "usage": {"total_tokens": 5}}')
+        await writer.drain()
+
+    async with raw_backend(big_json) as legacy, raw_backend(big_json) as next_gen:
+        data = config_dict(legacy, next_gen, rollout={"phase": "shadow"},
+                           shadow={"sample": 1.0}, telemetry={"json_max_bytes": MiB})
+        async with running(tmp_path, data) as proxy, watching() as watch, \
+                aiohttp.ClientSession() as http:
+            received = 0
+            async with asyncio.timeout(20), http.get(f"{proxy.url}/v1/tasks") as response:
+                async for piece in response.content.iter_any():
+                    received += len(piece)
+            await proxy.mirrors_settled()
+    assert received == size
+    assert proxy.metric("rollout_tokens_total", backend="legacy", role="primary") == 0
+    assert proxy.metric("rollout_tokens_total", backend="next_gen", role="shadow") == 0
+    assert watch.grew < FLAT, watch
+
+
+# A WebSocket message: aiohttp's max_msg_size (4 MiB) ------------------------------------------
+
+
+async def test_a_websocket_message_past_max_msg_size_ends_the_session_not_normally(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    async def huge(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        await ws.receive()
+        with contextlib.suppress(ConnectionError):
+            await ws.send_bytes(b"w" * (5 * MiB))
+            await ws.receive()
+        return ws
+
+    backends["legacy"].handler = huge
+    data = config_dict(backends["legacy"].url, backends["next_gen"].url)
+    async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http, \
+            http.ws_connect(f"{proxy.url}/v1/live", max_msg_size=0) as ws:
+        await ws.send_str("go")
+        async with asyncio.timeout(WAIT):
+            message = await ws.receive()
+    assert message.type == aiohttp.WSMsgType.CLOSE
+    assert message.data != aiohttp.WSCloseCode.OK
+
+
+# Answers parked for a comparison: shadow.max_held_bytes --------------------------------------
+
+
+def json_answer(body: bytes) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+@dataclass
+class Gate:
+    """A legacy that holds every request until `release`; `arrived` counts them."""
+
+    release: asyncio.Event
+    arrived: int = 0
+    came: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def reply(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.arrived += 1
+        self.came.set()
+        await self.release.wait()
+        writer.write(JSON_OK)
+        await writer.drain()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(WAIT):
+            while self.arrived < count:
+                self.came.clear()
+                await self.came.wait()
+
+
+async def test_mirror_answers_parked_for_a_slow_legacy_stay_within_max_held_bytes(
+        tmp_path: Path) -> None:
+    """64 mirrors of a 900 KB JSON answer end while legacy still holds its requests: only
+    what fits shadow.max_held_bytes (4 MiB) is parked for the comparison (57 MB otherwise),
+    the rest are dropped and counted; every client gets legacy's answer."""
+    gate = Gate(asyncio.Event())
+    big = json_answer(json.dumps({"success": True, "pad": "p" * 900_000}).encode())
+
+    async def big_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(big)
+        await writer.drain()
+
+    async with raw_backend(gate.reply) as legacy, raw_backend(big_json) as next_gen:
+        data = config_dict(legacy, next_gen, rollout={"phase": "shadow"},
+                           shadow={"sample": 1.0, "max_held_bytes": 4 * MiB})
+        async with running(tmp_path, data) as proxy:
+            shadow = proxy.proxy.runtime.shadow
+            answers: list[asyncio.Future[tuple[int, Any, bytes, float]]] = []
+            try:
+                async with watching() as watch:
+                    for count in range(1, 65):  # one at a time: what stays is what is parked
+                        answers.append(asyncio.ensure_future(get(proxy)))
+                        await gate.wait_for(count)
+                        await proxy.mirrors_settled()
+                held = shadow.held_bytes
+            finally:
+                gate.release.set()
+            statuses = [status for status, *_ in await asyncio.gather(*answers)]
+            await proxy.mirrors_settled()
+    assert statuses == [200] * 64
+    assert 3 * 900_000 < held <= 4 * MiB
+    assert proxy.metric("rollout_shadow_dropped_total", reason="held_bytes") == 64 - 4
+    assert shadow.held_bytes == 0
+    assert watch.grew < FLAT, watch
+
+
+# Capture samples: telemetry.capture.max_patterns, per_pattern, max_body_bytes ----------------
+
+
+async def test_capture_keeps_max_patterns_of_per_pattern_samples_and_memory_stays_flat(
+        tmp_path: Path) -> None:
+    """1,000 POSTs of 60 KB JSON over 500 patterns (60 MB if all were kept): 10 patterns of
+    at most 3 samples are kept, the others counted as dropped; a body past max_body_bytes
+    keeps its shape only. Every request is forwarded whole."""
+    capture = {"file": "captures/patterns.jsonl", "per_pattern": 3, "max_patterns": 10,
+               "max_body_bytes": 65536}
+    body = json.dumps({"prompt": "q" * 60_000}).encode()
+    sizes: list[int] = []  # what legacy got; it keeps no body
+
+    async def legacy(request: web.Request) -> web.Response:
+        sizes.append(len(await request.read()))
+        return web.json_response({"success": True})
+
+    app = web.Application(client_max_size=MiB)
+    app.router.add_post("/{tail:.*}", legacy)
+    runner, legacy_url = await serve_app(app)
+    try:
+        data = config_dict(legacy_url, legacy_url, telemetry={"capture": capture})
+        async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http:
+            url = proxy.url
+
+            async def post(path: str, payload: bytes) -> int:
+                async with http.post(f"{url}{path}", data=payload,
+                                     headers={"Content-Type": "application/json"}) as answer:
+                    await answer.read()
+                    return answer.status
+
+            async with asyncio.timeout(30):
+                large = b'{"prompt": "' + b"q" * 100_000 + b'"}'
+                assert await post("/v1/tasks/first", large) == 200
+                async with watching() as watch:
+                    for start in range(0, 1000, 50):  # 50 at a time
+                        statuses = await asyncio.gather(*(post(f"/v1/tasks/p{n % 500}", body)
+                                                          for n in range(start, start + 50)))
+                        assert statuses == [200] * 50
+            kept = proxy.proxy.runtime.capture
+            assert kept is not None
+            patterns = dict(kept.patterns)
+            dropped = kept.dropped_patterns
+    finally:
+        await runner.cleanup()
+    assert len(patterns) == 10
+    assert all(len(p.samples) <= 3 for p in patterns.values())
+    assert sum(map(len, (s for p in patterns.values() for s in p.samples))) <= 10 * 3 * 65536
+    assert dropped == 1001 - sum(p.count for p in patterns.values())
+    first = json.loads(next(p for k, p in patterns.items() if k[1] == "/v1/tasks/first"
+                            ).samples[0])
+    assert (first["body"], first["truncated"]) == (None, True)
+    assert sizes == [len(large)] + [len(body)] * 1000
+    assert watch.grew < FLAT, watch
+
+
+# The trace queue: proxy.trace.MAX_BUFFERED, MAX_BUFFERED_BYTES -------------------------------
+
+
+class Disk:
+    """The trace file as a FIFO: nobody reads it (the writer's thread waits to open it, as
+    on a stalled disk) until `read()`, which then drains it from the loop, counting lines."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+        self.path, self.lines, self.fd = path, 0, -1
+
+    def read(self) -> None:
+        if self.fd >= 0:
+            return
+        # Read and write ends both: the writer can open it, and it never reads as ended.
+        self.fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
+        asyncio.get_running_loop().add_reader(self.fd, self._drain)
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(self.fd, MiB):
+                self.lines += data.count(b"\n")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            self._drain()
+            os.close(self.fd)
+
+
+async def test_a_stalled_trace_disk_drops_long_lines_past_the_buffer_and_memory_stays_flat(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """next_gen in shadow answers JSON of 20 keys of 50 KB: each comparison's trace line
+    (its diff) is 1 MB, and the disk takes none. Lines past the buffer's bytes (here 4 MiB)
+    are dropped and counted (64 MB otherwise); clients never wait; once the disk reads
+    again, every line kept is written."""
+    monkeypatch.setattr(trace_module, "MAX_BUFFERED_BYTES", 4 * MiB)
+    disk = Disk(tmp_path / "traces" / "comparisons.jsonl")
+    keys = json.dumps({f"k{n:02d}" + "k" * 50_000: 1 for n in range(20)}).encode()
+
+    async def long_keys(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(json_answer(keys))
+        await writer.drain()
+
+    try:
+        async with raw_backend(json_ok) as legacy, raw_backend(long_keys) as next_gen:
+            data = config_dict(legacy, next_gen, rollout={"phase": "shadow"},
+                               shadow={"sample": 1.0})
+            async with running(tmp_path, data) as proxy:
+                trace = proxy.proxy.trace
+                assert trace is not None
+                try:
+                    async with watching() as watch:
+                        answers = [await get(proxy) for _ in range(64)]
+                        await proxy.mirrors_settled()
+                    buffered = trace.buffered_bytes
+                finally:
+                    disk.read()  # before the proxy stops: close() writes what it kept
+    finally:
+        disk.close()
+    assert all(status == 200 and took < 1.0 for status, _, _, took in answers), answers
+    written = proxy.metric("rollout_trace_lines_total", result="written")
+    dropped = proxy.metric("rollout_trace_lines_total", result="dropped")
+    assert buffered <= 4 * MiB
+    assert written <= 8 and written + dropped == 64, (written, dropped)
+    assert disk.lines == written
+    assert watch.grew < FLAT, watch

@@ -133,6 +133,21 @@ async def test_a_full_buffer_drops_and_counts_instead_of_blocking(
     assert [line["n"] for line in lines_of(w.path)] == list(range(50))
 
 
+async def test_long_lines_fill_the_buffer_by_bytes_before_lines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trace_module, "MAX_BUFFERED_BYTES", 10_000)
+    w = writer(tmp_path)
+    long = {"pad": "p" * 3000}
+    for n in range(5):
+        w.write({"n": n, **long})
+    assert lines_metric(w, "dropped") == 2
+    assert w.buffered_bytes <= 10_000
+    w.write({"n": 5})  # a short line still fits
+    await w.close()
+    assert w.buffered_bytes == 0
+    assert [line["n"] for line in lines_of(w.path)] == [0, 1, 2, 5]
+
+
 async def test_a_failing_disk_is_counted_not_raised(tmp_path: Path) -> None:
     (tmp_path / "traces").write_text("a file where the directory should be")
     w = writer(tmp_path)
