@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 import proxy
 from proxy.app import build, start, stop
-from proxy.config import load_config
+from proxy.config.loading import load_config
 
 ROOT = str(Path(proxy.__file__).parent)
 SKIPPED_ROOTS = ("control",)  # the control loop and state watch run beside the request

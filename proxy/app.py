@@ -28,21 +28,22 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry
 
-from proxy.admin import Admin
-from proxy.budget import SpendBudget
-from proxy.capture import Capture
-from proxy.config import Config, load_config
-from proxy.control import Controller
-from proxy.metrics import CIRCUIT_STATES, Metrics
-from proxy.runtime import Runtime
-from proxy.server import ProxyHandler
-from proxy.sessions import Pins, RedisPins
-from proxy.shadow import Shadow
-from proxy.state import FileStore, Store, due_steps, write_atomically
-from proxy.trace import TraceWriter
-from proxy.transport import Transport
-from proxy.upstream import H1, transport_named
-from proxy.users import ActiveUsers, DistinctUsers, RedisActiveUsers
+from proxy.config.loading import load_config
+from proxy.config.model import Config
+from proxy.control.admin import Admin
+from proxy.control.controller import Controller
+from proxy.datapath.budget import SpendBudget
+from proxy.datapath.handler import ProxyHandler
+from proxy.datapath.runtime import Runtime
+from proxy.datapath.sessions import Pins, RedisPins
+from proxy.datapath.shadow import Shadow
+from proxy.datapath.transport import Transport
+from proxy.datapath.upstream import H1, transport_named
+from proxy.state.store import FileStore, Store, due_steps, write_atomically
+from proxy.state.users import ActiveUsers, DistinctUsers, RedisActiveUsers
+from proxy.telemetry.capture import Capture
+from proxy.telemetry.metrics import CIRCUIT_STATES, Metrics
+from proxy.telemetry.trace import TraceWriter
 
 log = logging.getLogger("rollout_proxy")
 SHADOW_GRACE_S = 2.0
@@ -217,7 +218,7 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
 
 def make_store(config: Config, metrics: Metrics) -> Store:
     if config.state.backend == "redis" and config.state.redis_url:
-        from proxy.redis_store import RedisStore
+        from proxy.state.redis_store import RedisStore
 
         return RedisStore(config.state.redis_url, metrics)
     return FileStore(config.state.path)

@@ -40,7 +40,8 @@ def supervise(config: Path, workers: int, extra: tuple[str, ...] = ()) -> int:
         for index in range(workers):
             env = {**os.environ, WORKER_ENV: str(index), MULTIPROC_ENV: metrics_dir}
             children.append(subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), *extra],
+                [sys.executable, "-m", "proxy.offline.cli", "serve", "--config", str(config),
+                 *extra],
                 env=env))
         codes = [child.wait() for child in children]
     finally:

@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import Proxy, build, start, stop
-from proxy.config import Config, load_config
+from proxy.config.loading import load_config
+from proxy.config.model import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = str(ROOT / ".venv" / "bin" / "rollout-proxy")

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.routing import bucket
+from proxy.datapath.decide import bucket
 from tests.conftest import TOKEN, Backend, Running, config_dict, deep_merge, running
 
 SALT = "test"

@@ -18,10 +18,10 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config import Extract, TelemetryConfig
-from proxy.observe import measure, tee_for
-from proxy.report import read_trace
-from proxy.report_format import summary_json
+from proxy.config.model import Extract, TelemetryConfig
+from proxy.offline.report import read_trace
+from proxy.offline.report_format import summary_json
+from proxy.telemetry.observe import measure, tee_for
 from tests.conftest import Backend, Running, config_dict, metrics_samples, running
 
 pytestmark = pytest.mark.timeout(60)

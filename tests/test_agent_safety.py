@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.cli import parse_duration, parser
-from proxy.routing import Plan, bucket, in_cohort, unleash_value
+from proxy.datapath.decide import Plan, bucket, in_cohort, unleash_value
+from proxy.offline.cli import parse_duration, parser
 from tests.conftest import (
     EXE,
     TOKEN,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.cli import format_status
+from proxy.offline.cli import format_status
 from tests.conftest import EXE, TOKEN, Backend, Running, config_dict, deep_merge, running
 
 

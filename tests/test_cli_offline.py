@@ -10,7 +10,7 @@ from pathlib import Path
 import mmh3
 import pytest
 
-from proxy.cli import main
+from proxy.offline.cli import main
 from tests.conftest import EXE, ROOT, config_dict, write_config
 
 EXAMPLE = ROOT / "config" / "routing.yaml"

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.compare import MAX_DIFF, compare, shape_diff
-from proxy.compare import same_shape as quick_shape
-from proxy.observe import Measurement
+from proxy.telemetry.compare import MAX_DIFF, compare, shape_diff
+from proxy.telemetry.compare import same_shape as quick_shape
+from proxy.telemetry.observe import Measurement
 
 NOTHING: frozenset[str] = frozenset()
 LEGACY_BODY = {"id": "a1", "success": True, "usage": {"total_tokens": 12000},

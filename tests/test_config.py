@@ -16,8 +16,9 @@ import yaml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import TOP, Config, ConfigError, Extract, load_config, parse_config
-from proxy.fields import REQUIRED, Field
+from proxy.config.fields import REQUIRED, Field
+from proxy.config.loading import load_config
+from proxy.config.model import TOP, Config, ConfigError, Extract, parse_config
 from tests.conftest import ROOT, config_dict, deep_merge
 
 EXAMPLE = ROOT / "config" / "routing.yaml"

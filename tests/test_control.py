@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.routing import bucket
+from proxy.datapath.decide import bucket
 from tests.conftest import (
     TOKEN,
     Backend,

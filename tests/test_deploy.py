@@ -288,7 +288,8 @@ def test_image_requirements_pin_every_runtime_dependency() -> None:
 
 
 def test_container_config_is_valid_for_the_proxy() -> None:
-    from proxy.config import ConfigError, load_config
+    from proxy.config.loading import load_config
+    from proxy.config.model import ConfigError
 
     try:
         config = load_config(CONTAINER_CONFIG)
@@ -361,7 +362,7 @@ def test_compose_backends_match_the_container_config() -> None:
         assert url.startswith(f"http://{service_name}:"), url
         port = url.rsplit(":", 1)[1]
         service = every[service_name]
-        assert service["entrypoint"] == ["python", "-m", "proxy.demo"]
+        assert service["entrypoint"] == ["python", "-m", "proxy.offline.demo"]
         assert service["command"] == ["--backend", backend, "--host", "0.0.0.0", "--port", port]
         check = python_code(service["healthcheck"]["test"][1:])
         compile(check, "healthcheck", "exec")

@@ -23,8 +23,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import trace as trace_module
-from proxy.events import MAX_LINE
+from proxy.telemetry import trace as trace_module
+from proxy.telemetry.events import MAX_LINE
 from tests.conftest import (
     Backend,
     Running,
@@ -207,7 +207,7 @@ async def test_a_lower_max_header_bytes_applies_to_answers_after_a_reload(
             assert (await get(proxy))[0] == 502
 
 
-# One SSE line: proxy.events.MAX_LINE ---------------------------------------------------------
+# One SSE line: proxy.telemetry.events.MAX_LINE ---------------------------------------------
 
 
 def chunk(data: bytes) -> bytes:
@@ -496,7 +496,7 @@ async def test_mirror_answers_parked_for_a_slow_legacy_stay_within_max_held_byte
         data = config_dict(legacy, next_gen, rollout={"phase": "shadow"},
                            shadow={"sample": 1.0, "max_held_bytes": 4 * MiB})
         async with running(tmp_path, data) as proxy:
-            shadow = proxy.proxy.runtime.shadow
+            shadow = proxy.proxy.shadow
             answers: list[asyncio.Future[tuple[int, Any, bytes, float]]] = []
             try:
                 async with watching() as watch:

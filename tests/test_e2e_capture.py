@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy import replay
+from proxy.offline import replay
 from tests.conftest import Backend, config_dict, running
 
 

@@ -125,7 +125,7 @@ async def assert_failed_answer(response: aiohttp.ClientResponse, status: int) ->
 
 
 def bucket(salt: str, user: str) -> int:
-    """The SPEC's formula, computed here independently of proxy.routing."""
+    """The SPEC's formula, computed here independently of proxy.datapath.decide."""
     return int(mmh3.hash(f"{salt}:{user}", signed=False)) % 10000
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.routing import bucket
+from proxy.datapath.decide import bucket
 from tests.conftest import (
     TOKEN,
     Backend,

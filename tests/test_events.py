@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.events import MAX_LINE, EventStream
+from proxy.telemetry.events import MAX_LINE, EventStream
 
 TOKENS = ("usage", "total_tokens")
 SUCCESS = ("success",)

@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config import CircuitConfig
-from proxy.fallback import Breaker, RetryBudget
+from proxy.config.model import CircuitConfig
+from proxy.datapath.fallback import Breaker, RetryBudget
 from tests.conftest import Backend, config_dict, dead_url, running
 
 pytestmark = pytest.mark.timeout(60)

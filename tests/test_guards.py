@@ -17,9 +17,9 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import GuardsConfig
-from proxy.guards import Figures, Verdict, Windows, judge
-from proxy.observe import Measurement
+from proxy.config.model import GuardsConfig
+from proxy.telemetry.guards import Figures, Verdict, Windows, judge
+from proxy.telemetry.observe import Measurement
 from tests.conftest import (
     TOKEN,
     Backend,

@@ -1,4 +1,4 @@
-"""proxy.h1, the lean HTTP/1.1 client, against real servers on 127.0.0.1.
+"""proxy.datapath.h1, the lean HTTP/1.1 client, against real servers on 127.0.0.1.
 
 Raw asyncio servers write exact bytes where a test needs a backend that misbehaves at the
 byte level; aiohttp servers play the well-behaved ones. Nothing of the HTTP stack is mocked.
@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import h1, upstream
-from proxy.config import BackendConfig
+from proxy.config.model import BackendConfig
+from proxy.datapath import h1, upstream
 from tests.conftest import free_port, serve_app
 
 READ_SIZE = 256 * 1024  # what asyncio's socket transport reads at once (its max_size)

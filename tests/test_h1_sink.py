@@ -1,4 +1,4 @@
-"""proxy.h1's Pool.fire: an answer handed to a Sink as it is parsed, no coroutine waiting.
+"""proxy.datapath.h1's Pool.fire: an answer handed to a Sink as it is parsed, no coroutine waiting.
 
 Raw asyncio backends (tests.test_h1's RawBackend) script the exact bytes and pauses; the pool
 talks to them over real sockets on 127.0.0.1. Nothing of the HTTP stack is mocked. Every test
@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from multidict import CIMultiDict
 
-from proxy import h1
+from proxy.datapath import h1
 from tests.test_h1 import Peer, RawBackend, Script, answer, pool_maker, raw_backends
 
 TIMEOUT_S = 0.3  # the pools' timeout_s: short, so the file runs in a few seconds

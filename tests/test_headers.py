@@ -8,7 +8,7 @@ import re
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.headers import IDS_PER_READ, downstream_headers, request_id, upstream_headers
+from proxy.datapath.headers import IDS_PER_READ, downstream_headers, request_id, upstream_headers
 
 HOP_BY_HOP = ["Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer",
               "Transfer-Encoding", "Upgrade", "Proxy-Authenticate", "Proxy-Authorization"]

@@ -29,7 +29,8 @@ async def children(tmp_path: Path) -> AsyncIterator[Children]:
 
 
 def _proxy_installed() -> bool:
-    return rollout.executable() is not None and importlib.util.find_spec("proxy.cli") is not None
+    return (rollout.executable() is not None
+            and importlib.util.find_spec("proxy.offline.cli") is not None)
 
 
 async def test_loadgen_against_backend_completes_without_errors(children: Children) -> None:

@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import PHASES
-from proxy.metrics import code_class
+from proxy.config.model import PHASES
+from proxy.telemetry.metrics import code_class
 from tests.conftest import TOKEN, Backend, Running, config_dict, metrics_samples, running
 
 PROMTOOL = shutil.which("promtool")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.recent import Recent
+from proxy.state.recent import Recent
 
 
 def test_remembers_the_newest_and_forgets_the_oldest_first() -> None:

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.capture import Capture
-from proxy.config import CaptureConfig
-from proxy.replay import Progress, main
+from proxy.config.model import CaptureConfig
+from proxy.offline.replay import Progress, main
+from proxy.telemetry.capture import Capture
 from tests.conftest import config_dict, dead_url, serve_app, write_config
 
 Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -22,12 +22,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import report
-from proxy.compare import compare
-from proxy.observe import Measurement
-from proxy.report_format import compare_changes, format_report, summary_json
-from proxy.report_html import render_html
-from proxy.report_stats import (
+from proxy.offline import report
+from proxy.offline.report_format import compare_changes, format_report, summary_json
+from proxy.offline.report_html import render_html
+from proxy.offline.report_stats import (
     MAX_PREFIXES,
     MAX_TIME_BUCKETS,
     OTHER,
@@ -36,7 +34,9 @@ from proxy.report_stats import (
     Summary,
     summarise,
 )
-from proxy.report_trace import parse_line, path_prefix
+from proxy.offline.report_trace import parse_line, path_prefix
+from proxy.telemetry.compare import compare
+from proxy.telemetry.observe import Measurement
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,7 +153,7 @@ def test_mismatch_kinds_are_counted_separately() -> None:
 
 
 def test_reads_the_lines_the_proxy_writes() -> None:
-    # Built as proxy/shadow.py builds them, so a change there shows up here.
+    # Built as proxy/datapath/shadow.py builds them, so a change there shows up here.
     old = Measurement(200, 5000.0, None, 312, 12000, True, None)
     ok = Measurement(200, 500.0, None, 298, 1200, True, None)
     failed = Measurement(None, 60000.0, None, 0, None, None, None, error="timeout")
@@ -331,7 +331,8 @@ def test_large_trace_is_summarised_in_bounded_memory(tmp_path: Path) -> None:
     with trace.open("w") as f:
         f.writelines(template % (i, 4000 + i % 2000) + "\n" for i in range(150_000))
     script = (
-        "import resource, sys; from pathlib import Path; from proxy.report import read_trace\n"
+        "import resource, sys; from pathlib import Path\n"
+        "from proxy.offline.report import read_trace\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "s = read_trace(Path(sys.argv[1]))\n"
         "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"

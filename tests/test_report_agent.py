@@ -16,11 +16,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import report
-from proxy.report_format import compare_changes, format_report, summary_json
-from proxy.report_html import render_html
-from proxy.report_stats import Summary
-from proxy.report_status import StatusFigures, read_status
+from proxy.offline import report
+from proxy.offline.report_format import compare_changes, format_report, summary_json
+from proxy.offline.report_html import render_html
+from proxy.offline.report_stats import Summary
+from proxy.offline.report_status import StatusFigures, read_status
 from tests.conftest import TOKEN, Backend, config_dict, dead_url, running, serve_app
 from tests.test_report import _png_pixels, line, rich_trace, summary_of, write
 
@@ -28,7 +28,7 @@ USER_KEYS = ("user_satisfaction", "migration_success", "support_tickets", "adopt
 
 
 def status_document(**changes: Any) -> dict[str, Any]:
-    """A saved /admin/status, shaped as proxy/admin.py writes it: every user target passes.
+    """A saved /admin/status, shaped as proxy/control/admin.py writes it: every user target passes.
 
     next_gen's mean score 4.5; migration 97 of 100; tickets over two days: legacy 10 / 1,000
     user-days (1 %), next_gen 15 / 1,000 (1.5 %), so 1.5x; the newest day's adoption 85 %.

@@ -11,10 +11,10 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from proxy.metrics import Metrics
-from proxy.observe import Measurement
-from proxy.redis_store import RedisStore
-from proxy.state import Override, Stored
+from proxy.state.redis_store import RedisStore
+from proxy.state.store import Override, Stored
+from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.observe import Measurement
 from tests.conftest import (
     TOKEN,
     Backend,

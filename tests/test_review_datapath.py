@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from proxy.events import MAX_LINE, EventStream
+from proxy.telemetry.events import MAX_LINE, EventStream
 from tests.conftest import Backend, config_dict, running
 from tests.test_e2e_data_path import raw_exchange
 

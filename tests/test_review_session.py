@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import h1
-from proxy.trace import utc_stamp
+from proxy.datapath import h1
+from proxy.telemetry.trace import utc_stamp
 from tests.conftest import Backend, config_dict, running, serve_app
 from tests.test_shadow import settled_trace, shadow_config
 

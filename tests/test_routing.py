@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.config import RoutingConfig, UserIdSource
-from proxy.routing import Decision, Facts, Plan, bucket, decide, user_id
+from proxy.config.model import RoutingConfig, UserIdSource
+from proxy.datapath.decide import Decision, Facts, Plan, bucket, decide, user_id
 from tests.conftest import ROOT
 
 SALT = "next-gen-2024"
@@ -84,7 +84,7 @@ def test_bucket_values_are_pinned_so_a_library_change_cannot_move_users() -> Non
 
 def test_buckets_are_the_same_in_a_fresh_process_whatever_its_hash_seed() -> None:
     ids = [f"user-{i}" for i in range(200)] + ["ålice", "用户", ""]
-    script = ("import json, sys; from proxy.routing import bucket; "
+    script = ("import json, sys; from proxy.datapath.decide import bucket; "
               "print(json.dumps([bucket(sys.argv[1], u) for u in json.loads(sys.argv[2])]))")
     here = [bucket(SALT, uid) for uid in ids]
 
@@ -137,7 +137,7 @@ def test_a_new_salt_reshuffles_users() -> None:
 
 @pytest.mark.parametrize("percentage", [0.07, 0.55, 1.1, 4.15])
 def test_decimal_percentage_admits_exactly_that_many_buckets(percentage: float) -> None:
-    from proxy.routing import on_next_gen
+    from proxy.datapath.decide import on_next_gen
 
     admitted = sum(on_next_gen(b, percentage) for b in range(10_000))
 
@@ -147,7 +147,7 @@ def test_decimal_percentage_admits_exactly_that_many_buckets(percentage: float) 
 @pytest.mark.parametrize(("percentage", "admitted"), [(0, 0), (0.5, 50), (10, 1000),
                                                       (25, 2500), (100, 10_000)])
 def test_percentage_admits_that_many_basis_points(percentage: float, admitted: int) -> None:
-    from proxy.routing import on_next_gen
+    from proxy.datapath.decide import on_next_gen
 
     assert sum(on_next_gen(b, percentage) for b in range(10_000)) == admitted
 

@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.observe import Measurement
-from proxy.shadow import UNFINISHED, Pairing
+from proxy.datapath.shadow import UNFINISHED, Pairing
+from proxy.telemetry.observe import Measurement
 from tests.conftest import Backend, Running, config_dict, dead_url, running, write_config
 
 pytestmark = pytest.mark.timeout(60)

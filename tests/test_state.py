@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config import RolloutConfig, ScheduleStep
-from proxy.state import (
+from proxy.config.model import RolloutConfig, ScheduleStep
+from proxy.state.store import (
     FileStore,
     Override,
     Stored,

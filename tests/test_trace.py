@@ -16,9 +16,9 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy import trace as trace_module
-from proxy.metrics import Metrics
-from proxy.trace import TraceWriter
+from proxy.telemetry import trace as trace_module
+from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.trace import TraceWriter
 from tests.conftest import Backend, Process, config_dict, spawn_serve, wait_ready
 
 pytestmark = pytest.mark.timeout(60)

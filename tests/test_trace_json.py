@@ -9,9 +9,9 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.compare import Comparison, verdict
-from proxy.observe import Measurement, json_value
-from proxy.record import TraceRecord, parse_line
+from proxy.telemetry.compare import Comparison, verdict
+from proxy.telemetry.observe import Measurement, json_value
+from proxy.telemetry.record import TraceRecord, parse_line
 
 COMPACT = json.JSONEncoder(separators=(",", ":"))
 numbers = st.none() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True)
@@ -49,7 +49,7 @@ def test_a_comparison_is_written_as_json_writes_its_fields(comparison: Compariso
 def test_the_line_the_proxy_writes_is_the_record_report_reads(
         old: Measurement, new: Measurement, comparison: Comparison, rid: str,
         path: str) -> None:
-    """One schema (proxy/record.py): TraceRecord.line, read back by parse_line."""
+    """One schema (proxy/telemetry/record.py): TraceRecord.line, read back by parse_line."""
     line = TraceRecord.line(rid, "2026-12-06T00:00:00.000Z", "POST", "/" + path, old, new,
                             comparison)
     record = parse_line(line.encode())

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.aiohttp_transport import AiohttpTransport
-from proxy.transport import Transport
-from proxy.upstream import H1
+from proxy.datapath.aiohttp_transport import AiohttpTransport
+from proxy.datapath.transport import Transport
+from proxy.datapath.upstream import H1
 from tests.conftest import Backend, config_dict, running
 
 TRANSPORTS: dict[str, Transport] = {"h1": H1, "aiohttp": AiohttpTransport()}

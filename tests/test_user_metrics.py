@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config import load_config
+from proxy.config.loading import load_config
 from tests.conftest import (
     EXE,
     TOKEN,
@@ -60,7 +60,7 @@ def flagged(fakes: dict[str, Backend], phase: str, percentage: float = 0,
 
 
 def bucket(user: str) -> int:
-    """The SPEC's formula, written out here rather than taken from proxy.routing."""
+    """The SPEC's formula, written out here rather than taken from proxy.datapath.decide."""
     return int(mmh3.hash(f"{SALT}:{user}", signed=False)) % 10000
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.users import ActiveUsers, RedisActiveUsers, ticket_rates
+from proxy.state.users import ActiveUsers, RedisActiveUsers, ticket_rates
 from tests.conftest import free_port
 from tests.test_e2e_redis import Redis
 

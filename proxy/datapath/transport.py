@@ -1,0 +1,103 @@
+"""The transport seam: what the data path needs of an HTTP/1.1 client, and the one error it
+raises. The server and the shadow speak to backends only through this (via proxy.datapath.upstream);
+they never import an implementation.
+
+Implementations: proxy.datapath.h1 (the lean client, the default) and
+proxy.datapath.aiohttp_transport (aiohttp's client, to compare: `serve --transport aiohttp`).
+
+Rule: every failure of a backend surfaces as UpstreamError, with `kind` naming why:
+connect_error (nothing was sent), timeout, reset, bad_response, truncated, head_too_large.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import ClassVar, Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+
+
+class UpstreamError(Exception):
+    """A backend gave no usable answer. `kind` names why; `status` is what the client gets."""
+
+    STATUS: ClassVar[dict[str, int]] = {"connect_error": 502, "timeout": 504, "reset": 502,
+                                        "bad_request": 400, "bad_response": 502,
+                                        "truncated": 502, "head_too_large": 502}
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+    @property
+    def status(self) -> int:
+        return self.STATUS.get(self.kind, 502)
+
+    @property
+    def sent(self) -> bool:
+        """Whether the backend may have received the request (so a retry may repeat it)."""
+        return self.kind != "connect_error"
+
+
+class Answer(Protocol):
+    """An answer whose head has arrived; the body is read with take(), read() or
+    next_chunk() (UpstreamError if it cannot finish), then released or closed."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    def take(self) -> bytes | None: ...
+
+    async def read(self) -> bytes: ...
+
+    async def next_chunk(self) -> bytes: ...
+
+    def release(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Takes an answer as it is parsed (Client.fire): no task per request."""
+
+    def head(self, response: Answer) -> None: ...
+
+    def chunk(self, data: bytes) -> None: ...
+
+    def done(self, response: Answer | None, error: UpstreamError | None, retry: bool) -> None: ...
+
+
+class Client(Protocol):
+    """One backend's connections for one purpose (the clients' traffic, or mirrors)."""
+
+    closed: bool
+    max_head_bytes: int
+
+    async def request(self, method: str, target: str, headers: Headers, body: bytes | None,
+                      extra: tuple[tuple[str, str], ...] = ()) -> Answer: ...
+
+    def fire(self, method: str, target: str, headers: Headers, body: bytes | None, sink: Sink,
+             extra: tuple[tuple[str, str], ...] = ()) -> bool:
+        """Send on an idle connection, the answer going to `sink`; False when this client
+        cannot (none idle, or no such path): then use request()."""
+
+    async def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Makes the clients: what `build(config, transport=...)` is given."""
+
+    name: str
+
+    def client(self, host: str, port: int, *, tls: ssl.SSLContext | None, limit: int,
+               connect_timeout_s: float, timeout_s: float, max_head_bytes: int) -> Client: ...

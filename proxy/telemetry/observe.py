@@ -1,0 +1,240 @@
+"""What one answer measured: status, timings, bytes, tokens, success, memory.
+
+Rule 1: `measure` builds every answer's Measurement, at every site (the primary, a mirror, a
+baseline, a replay, an answer passed over for a fallback); `no_answer` every request that got
+none. A change to what is measured is made here only.
+Rule 2: measuring never delays or buffers what the client receives. The body is teed into a
+bounded buffer only when a figure must come from it, and parsed as JSON only when the answer
+says it is JSON and fits the cap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.config.model import Extract, TelemetryConfig
+from proxy.telemetry.events import EventStream
+
+
+@dataclass(slots=True)  # made per answer: not frozen, whose __init__ costs five times as much
+class Measurement:
+    status: int | None  # None: no complete answer
+    time_ms: float
+    ttft_ms: float | None
+    bytes: int
+    tokens: float | None
+    success: bool | None
+    memory_mb: float | None
+    error: str | None = None  # connect_error, timeout, reset, truncated, bad_response,
+    #   head_too_large
+    cost_usd: float | None = None
+
+    def trace_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "status": self.status, "time_ms": round(self.time_ms, 3),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            "tokens": whole(self.tokens), "success": self.success,
+            "memory_mb": self.memory_mb, "bytes": self.bytes,
+            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 8),
+        }
+        if self.error:
+            fields["error"] = self.error
+        return fields
+
+    def trace_json(self) -> str:
+        """trace_fields() as compact JSON, byte for byte what json would write, made without
+        the dict (a mirror's trace line is written per request in shadow)."""
+        value = json_value
+        status, tokens, success, memory = self.status, self.tokens, self.success, self.memory_mb
+        ttft = "null" if self.ttft_ms is None else value(round(self.ttft_ms, 3))
+        cost = "null" if self.cost_usd is None else value(round(self.cost_usd, 8))
+        text = (f'{{"status":{"null" if status is None else value(status)},'
+                f'"time_ms":{value(round(self.time_ms, 3))},"ttft_ms":{ttft},'
+                f'"tokens":{"null" if tokens is None else value(whole(tokens))},'
+                f'"success":{"true" if success is True else value(success)},'
+                f'"memory_mb":{"null" if memory is None else value(memory)},'
+                f'"bytes":{value(self.bytes)},"cost_usd":{cost}')
+        if self.error:
+            text += f',"error":{value(self.error)}'
+        return text + "}"
+
+
+_STRING = json.encoder.encode_basestring_ascii  # what json.dumps uses by default
+COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per call
+
+
+def json_value(value: Any) -> str:
+    """One value as json.dumps(separators=(",", ":")) writes it."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is str:
+        return _STRING(value)
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    return COMPACT.encode(value)
+
+
+def measure_tee(status: int | None, headers: Mapping[str, str], tee: Tee, *, started: float,
+                first_byte: float | None, ended: float, telemetry: TelemetryConfig,
+                error: str | None = None, backend: str | None = None) -> tuple[Measurement, Any]:
+    """measure() over the body a Tee collected, and the parsed document (for a comparison).
+    With an error the answer is incomplete: its status is not counted."""
+    document = tee.json()
+    return measure(None if error else status, headers, document, started=started,
+                   first_byte=first_byte, ended=ended, size=tee.size, telemetry=telemetry,
+                   error=error, backend=backend), document
+
+
+def no_answer(kind: str, time_ms: float = 0.0) -> Measurement:
+    """A request that got no complete answer: `kind` says why (connect_error, timeout, ...)."""
+    return Measurement(None, time_ms, None, 0, None, False, None, kind)
+
+
+def whole(value: float | None) -> float | int | None:
+    return int(value) if value is not None and float(value).is_integer() else value
+
+
+class Tee:
+    """Collects a copy of the body up to `cap` bytes while it streams; past the cap, gives up.
+    An event stream is parsed as it passes instead, keeping only the figures' last values."""
+
+    __slots__ = ("cap", "chunks", "events", "overflow", "size", "wanted")
+
+    def __init__(self, wanted: bool, cap: int, events: EventStream | None = None) -> None:
+        self.wanted, self.cap = wanted and cap > 0, cap
+        self.events = events
+        self.chunks: list[bytes] = []
+        self.size, self.overflow = 0, False
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.events is not None:
+            self.events.feed(chunk)
+            return
+        if not self.wanted or self.overflow:
+            return
+        if self.size > self.cap:
+            self.overflow, self.chunks = True, []
+            return
+        self.chunks.append(chunk)
+
+    def json(self) -> Any:
+        if self.events is not None:
+            return self.stream_document()
+        if not self.wanted or self.overflow or not self.chunks:
+            return None
+        try:
+            # Decoded here: json.loads(bytes) first sniffs for UTF-16/32, which JSON on the
+            # wire is not (RFC 8259 8.1); a body that is not UTF-8 is no figure either.
+            return json.loads(b"".join(self.chunks).decode("utf-8-sig"))  # a BOM is allowed
+        except (ValueError, RecursionError):  # deep nesting is not a figure we can read
+            return None
+
+    def stream_document(self) -> Any:
+        """The last JSON event, with the last value seen of each measured path laid over it."""
+        assert self.events is not None
+        self.events.close()
+        last = self.events.last_json
+        document: dict[str, Any] = dict(last) if isinstance(last, dict) else {}
+        for path, value in self.events.paths.items():
+            node = document
+            for key in path[:-1]:
+                child = node.get(key)
+                node[key] = child = dict(child) if isinstance(child, dict) else {}
+                node = child
+            node[path[-1]] = value
+        return document
+
+
+def tee_for(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: bool) -> Tee:
+    """A Tee that collects what this answer's figures need, and nothing more."""
+    content_type = headers.get("Content-Type", "").lower()  # media types ignore case
+    if content_type.startswith("text/event-stream") and not headers.get("Content-Encoding"):
+        wanted = tuple(p for p in (telemetry.tokens.json, telemetry.success.json) if p)
+        if compare or (telemetry.tokens.json and not (
+                telemetry.tokens.header and telemetry.tokens.header in headers)):
+            return Tee(True, telemetry.json_max_bytes, EventStream(wanted))
+    return Tee(wants_body(headers, telemetry, compare), telemetry.json_max_bytes)
+
+
+def wants_body(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: bool) -> bool:
+    """Whether a figure (or a comparison) needs the body: only JSON bodies are ever parsed."""
+    if "json" not in headers.get("Content-Type", "").lower() or headers.get("Content-Encoding"):
+        return False
+    if compare:
+        return True
+    # Outside a comparison only tokens matter (success feeds comparisons; guards use status).
+    return bool(telemetry.tokens.json) and not (
+        telemetry.tokens.header and telemetry.tokens.header in headers)
+
+
+def json_path(document: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if isinstance(document, dict):
+            document = document.get(key)
+        elif isinstance(document, list) and key.isdigit() and int(key) < len(document):
+            document = document[int(key)]
+        else:
+            return None
+    return document
+
+
+def number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def figure(extract: Extract, headers: Mapping[str, str], body: Any) -> float | None:
+    if extract.header:
+        value = headers.get(extract.header)
+        if value is not None:
+            return number(value)
+    if extract.json and body is not None:
+        return number(json_path(body, extract.json))
+    return None
+
+
+def succeeded(extract: Extract, status: int | None, body: Any) -> bool | None:
+    if status is None:
+        return False
+    if extract.json and body is not None:
+        value = json_path(body, extract.json)
+        if isinstance(value, bool):
+            return value
+    return status < 500
+
+
+def measure(status: int | None, headers: Mapping[str, str], body: Any, *, started: float,
+            first_byte: float | None, ended: float, size: int, telemetry: TelemetryConfig,
+            error: str | None = None, backend: str | None = None) -> Measurement:
+    tokens = figure(telemetry.tokens, headers, body) if status is not None else None
+    price = telemetry.usd_per_1k_tokens.get(backend or "")
+    return Measurement(
+        status=status,
+        time_ms=(ended - started) * 1000,
+        ttft_ms=(first_byte - started) * 1000 if first_byte is not None else None,
+        bytes=size,
+        tokens=tokens,
+        success=succeeded(telemetry.success, status, body),
+        memory_mb=figure(telemetry.memory, headers, body) if status is not None else None,
+        error=error,
+        cost_usd=tokens / 1000 * price if tokens is not None and price is not None else None,
+    )
