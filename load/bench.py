@@ -1,7 +1,7 @@
 """`make bench`: rollout-proxy against direct, nginx, haproxy and a minimal aiohttp proxy.
 
 Interleaved rounds, the proxies pinned to core 0 and the load generator and backends to
-core 1. `--scenario slow5000|soak|sse|flaky|guard` runs the other benchmarks instead.
+core 1. `--scenario slow5000|soak|sse|flaky|guard|hostile` runs the other benchmarks instead.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any
 
 import uvloop
 
-from load import checks, guard, procs, reference, rollout, scenarios, targets
+from load import checks, guard, hostile, procs, reference, rollout, scenarios, targets
 from load.measure import Load, wrk_available
 from load.output import Report, header, placement, skipped_text, tool_text
 from load.procs import raise_fd_limit
 from load.rounds import Plan, Summary, format_table, run_rounds, say, summarise
 
-SCENARIOS = ("throughput", "slow5000", "soak", "sse", "flaky", "guard")
+SCENARIOS = ("throughput", "slow5000", "soak", "sse", "flaky", "guard", "hostile")
 ALL_TARGETS = ("direct", "legacy", "shadow", "progressive", "progressive-aiohttp", "nginx",
                "haproxy", "minimal")
 
@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", type=lambda s: s.split(","), default=list(ALL_TARGETS),
                         help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
     parser.add_argument("--phase", default="legacy", help="slow5000: the proxy's phase")
+    parser.add_argument("--hostile-kinds", type=hostile.parse_kinds, default=hostile.KINDS,
+                        metavar="KINDS", help="hostile: the answers next_gen gives in turn, "
+                        f"a subset of {','.join(hostile.KINDS)}")
     parser.add_argument("--warmup", type=float, default=None,
                         help="soak: seconds before RSS must be flat (default 10 %% of the soak)")
     parser.add_argument("--set", type=rollout.parse_override, action="append", default=[],
@@ -135,6 +138,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Plan, Path], Awaitable[Report]]
     "sse": scenarios.sse,
     "flaky": scenarios.flaky,
     "guard": guard.guard,
+    "hostile": hostile.hostile,
 }
 
 

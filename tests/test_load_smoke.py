@@ -3,6 +3,7 @@ through rollout-proxy. They prove the tools work end to end, never how fast anyt
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import sys
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ import pytest
 # `load` is a directory of the repo, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from load import loadgen, rollout, targets
+from load import hostile, loadgen, rollout, targets
 from load.measure import parse_wrk
 from load.procs import Children
 from load.wire import RequestParser
@@ -92,3 +93,44 @@ def test_parse_wrk_reads_the_line_our_lua_prints() -> None:
 
     assert (result.requests, result.errors, result.rps, result.p50_ms) == (100, 3, 50.0, 1.5)
     assert result.answered_ok == 98
+
+
+async def _exchange(port: int, until: bytes, at_least: int = 0) -> bytes:
+    """One GET on a new connection: what came until `until` (or `at_least` bytes, or EOF)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    got = b""
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with asyncio.timeout(5):
+            while not (until and until in got) and not (at_least and len(got) >= at_least):
+                piece = await reader.read(65536)
+                if not piece:
+                    break
+                got += piece
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+    return got
+
+
+async def test_hostile_backend_answers_the_four_kinds_in_turn() -> None:
+    cycle = hostile.Cycle()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: hostile.HostileProtocol(cycle), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        head = await _exchange(port, b"", at_least=256 * 1024)
+        sse = await _exchange(port, b"0\r\n\r\n")
+        drip = await _exchange(port, b"\r\n\r\n*")
+        reset = await _exchange(port, b"")
+    finally:
+        server.close()
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\n\r\n" not in head
+    assert b"Content-Type: text/event-stream" in sse and b"total_tokens" in sse
+    body = sse.partition(b"\r\n\r\n")[2]
+    assert body.count(b"x") == hostile.SSE_LINE - len(b"data: \n\n")
+    assert body.startswith(b"400\r\n")  # in 1 KiB chunks
+    assert drip.endswith(b"Content-Length: 10\r\n\r\n*")
+    assert reset == b"HTTP/1.1 200 OK\r\nContent-Type: appl" or reset == b""
+    assert dict(cycle.served) == dict.fromkeys(hostile.KINDS, 1)
