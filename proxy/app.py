@@ -34,6 +34,7 @@ from proxy.control.admin import Admin
 from proxy.control.controller import Controller
 from proxy.datapath.budget import SpendBudget
 from proxy.datapath.handler import ProxyHandler
+from proxy.datapath.loopshare import LoopShare
 from proxy.datapath.runtime import Runtime
 from proxy.datapath.sessions import Pins, RedisPins
 from proxy.datapath.shadow import Shadow
@@ -190,8 +191,11 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
         if client is not None else Pins(routing.session_ttl_s, routing.session_max, monotonic)
     capture = Capture(config.telemetry.capture) \
         if config.telemetry.capture is not None and worker == 0 else None  # one writer
+    share = LoopShare(config.shadow.max_loop_share)  # mirrors' reads: their pools, the shadow
     runtime = Runtime(config, metrics=metrics, store=store, users=load_users(config, client),
-                      pins=pins, capture=capture, transport=transport, **clocks)
+                      pins=pins, capture=capture, transport=transport, mirror_share=share,
+                      **clocks)
+    share.contended = lambda: runtime.in_flight > 0  # the share binds while clients wait
     trace = None
     if config.telemetry.trace_file is not None:
         trace = TraceWriter(config.telemetry.trace_file, max_bytes=config.telemetry.trace_max_bytes,
@@ -201,13 +205,16 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
         CIRCUIT_STATES[state])
     budget = SpendBudget(config.shadow.tokens_per_hour, config.shadow.usd_per_hour,
                          runtime.monotonic)
-    shadow = Shadow(metrics, trace, runtime.recorded, budget)
+    shadow = Shadow(metrics, trace, runtime.recorded, budget, share,
+                    config.shadow.max_held_bytes)
     metrics.track_in_flight(lambda: shadow.in_flight, metrics.shadow_in_flight)
     metrics.track_in_flight(lambda: shadow.held_bytes, metrics.shadow_held)
 
     def apply(new: Config) -> None:
         runtime.reload(new)
         budget.tokens_cap, budget.usd_cap = new.shadow.tokens_per_hour, new.shadow.usd_per_hour
+        share.share = new.shadow.max_loop_share
+        shadow.max_held_bytes = new.shadow.max_held_bytes
 
     control = Controller(runtime, path=config.source, apply_config=apply)
     env_name = config.admin.token_env

@@ -111,7 +111,7 @@ def test_minimal_config_gets_the_spec_defaults() -> None:
     assert config.limits.max_body_bytes == 10_485_760
     assert config.limits.drain_timeout_s == 30
     assert config.limits.max_header_bytes == 65536
-    assert config.shadow.max_held_bytes == 64 * 2**20
+    assert config.shadow.max_held_bytes == 16 * 2**20
 
 
 # Every problem at once, with key path and line ----------------------------------------------

@@ -473,6 +473,14 @@ class Gate:
         writer.write(JSON_OK)
         await writer.drain()
 
+    async def reply_after(self, writer: asyncio.StreamWriter, rest: bytes) -> None:
+        """Count this answer as begun, and write `rest` once released."""
+        self.arrived += 1
+        self.came.set()
+        await self.release.wait()
+        writer.write(rest)
+        await writer.drain()
+
     async def wait_for(self, count: int) -> None:
         async with asyncio.timeout(WAIT):
             while self.arrived < count:
@@ -513,6 +521,90 @@ async def test_mirror_answers_parked_for_a_slow_legacy_stay_within_max_held_byte
     assert 3 * 900_000 < held <= 4 * MiB
     assert proxy.metric("rollout_shadow_dropped_total", reason="held_bytes") == 64 - 4
     assert shadow.held_bytes == 0
+    assert watch.grew < FLAT, watch
+
+
+async def test_mirrors_open_event_stream_lines_stay_within_max_held_bytes(
+        tmp_path: Path) -> None:
+    """32 mirrors read event streams whose first line is 900 KB, all open at once: what the
+    measurements keep of them stays within shadow.max_held_bytes (2 MiB; 28 MB otherwise).
+    A mirror past it is still measured, its comparison dropped and counted; the rest are
+    compared, and the bound is free again once they end."""
+    mirrors, cap = 32, 2 * MiB
+    gate = Gate(asyncio.Event())
+    line = b"data: " + b"x" * 900_000
+
+    async def open_line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD)
+        for start in range(0, len(line), 64 * 1024):
+            writer.write(chunk(line[start:start + 64 * 1024]))
+            await writer.drain()
+        await gate.reply_after(writer, chunk(b"\n\n" + USAGE) + b"0\r\n\r\n")
+
+    async with raw_backend(json_ok) as legacy, raw_backend(open_line) as next_gen:
+        data = config_dict(legacy, next_gen, rollout={"phase": "shadow"},
+                           shadow={"sample": 1.0, "max_held_bytes": cap, "max_in_flight": 64})
+        async with running(tmp_path, data) as proxy:
+            shadow, peak = proxy.proxy.shadow, [0]
+            take = shadow.take
+
+            def watched(size: int) -> bool:  # the level after every take: its peak
+                taken = take(size)
+                peak[0] = max(peak[0], shadow.held_bytes)
+                return taken
+            shadow.take = watched  # type: ignore[method-assign]
+            statuses = [(await get(proxy))[0] for _ in range(mirrors)]
+            await gate.wait_for(mirrors)  # every stream has its long line open
+            gate.release.set()
+            await proxy.mirrors_settled(30)
+    assert statuses == [200] * mirrors  # the clients had legacy's answers long before
+    assert 900_000 < peak[0] <= cap, peak
+    dropped = proxy.metric("rollout_shadow_dropped_total", reason="held_bytes")
+    compared = sum(proxy.metric("rollout_shadow_comparisons_total", result=result)
+                   for result in ("match", "mismatch", "error"))
+    assert dropped >= mirrors - 2 * cap // 900_000 and dropped + compared == mirrors
+    assert proxy.metric("rollout_requests_total", backend="next_gen", role="shadow",
+                        code_class="2xx") == mirrors  # every one measured
+    assert shadow.held_bytes == 0
+
+
+async def test_a_mirror_past_its_share_of_the_loop_is_cut_and_never_counted_against_next_gen(
+        tmp_path: Path) -> None:
+    """next_gen streams short events without end: while a client waits, the mirrors reading
+    them are cut once they have taken their shadow.max_loop_share (here 1 %), counted as
+    "overload"; a cut is neither an error of next_gen's (guards, requests) nor a comparison,
+    and the clients get legacy's answers."""
+    sent: list[int] = []
+    events = chunk(b"data: x\n\n" * 100)
+    gate, answered = Gate(asyncio.Event()), []
+
+    async def first_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if answered:  # the second request waits: a client in flight while mirrors stream
+            await gate.reply_after(writer, JSON_OK)
+            return
+        answered.append(True)
+        await json_ok(reader, writer)
+
+    async with raw_backend(first_at_once) as legacy, \
+            raw_backend(endless(SSE_HEAD, events, sent)) as next_gen:
+        data = config_dict(legacy, next_gen, rollout={"phase": "shadow"},
+                           shadow={"sample": 1.0, "max_loop_share": 0.01, "timeout_s": 30})
+        async with running(tmp_path, data) as proxy, watching() as watch:
+            first = await get(proxy)
+            second = asyncio.ensure_future(get(proxy))
+            await gate.wait_for(1)
+            await proxy.mirrors_settled(20)  # both mirrors cut while the second client waits
+            gate.release.set()
+            status, _, body, _ = await second
+            await proxy.mirrors_settled()
+    assert (first[0], first[2], status, body) == (200, b'{"success":true}') * 2
+    assert proxy.metric("rollout_shadow_dropped_total", reason="overload") == 2
+    assert len(sent) == 2 and max(sent) < ENDLESS, sent  # the proxy hung up on both
+    for code_class in ("2xx", "5xx", "error"):
+        assert proxy.metric("rollout_requests_total", backend="next_gen", role="shadow",
+                            code_class=code_class) == 0
+    assert sum(proxy.metric("rollout_shadow_comparisons_total", result=result)
+               for result in ("match", "mismatch", "error")) == 0
     assert watch.grew < FLAT, watch
 
 

@@ -118,7 +118,8 @@ class ShadowConfig:
     tokens_per_hour: float | None = None
     usd_per_hour: float | None = None
     baseline_sample: float = 0.0
-    max_held_bytes: int = 64 * 2**20  # answers parked until their other half ends (shadow.py)
+    max_held_bytes: int = 16 * 2**20  # what mirrors keep to compare (shadow.py rule 8)
+    max_loop_share: float = 0.25  # of the event loop's time, for reading mirrors' answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,7 +483,9 @@ SHADOW = (
     Field("exclude_paths", tuple[str, ...], [], "prefixes never mirrored", read=path_prefixes),
     Field("headers", tuple[tuple[str, str], ...], {}, "added to every copy", read=header_map),
     Field("budget", dict, {}, "spend caps on mirroring", fields=BUDGET),
-    Field("max_held_bytes", int, 64 * 2**20, "answers parked for their other half", low=0),
+    Field("max_held_bytes", int, 16 * 2**20, "what mirrors keep to compare, in all", low=0),
+    Field("max_loop_share", float, 0.25, "of the event loop's time, for reading mirrors' "
+          "answers; past it mirrors are dropped (1: no bound)", low=0, high=1, low_open=True),
 )
 CIRCUIT = (
     Field("consecutive_failures", int, 5, "open after this many failures in a row", low=1),

@@ -15,7 +15,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.datapath.transport import Headers, Sink, UpstreamError
+from proxy.datapath.transport import Headers, Meter, Sink, UpstreamError
 
 SKIP_AUTO = frozenset({"Accept-Encoding", "User-Agent", "Content-Type"})
 
@@ -111,7 +111,8 @@ class AiohttpTransport:
 
     def client(self, host: str, port: int, *, tls: ssl.SSLContext | None, limit: int,
                connect_timeout_s: float, timeout_s: float,
-               max_head_bytes: int) -> AiohttpClient:
+               max_head_bytes: int, meter: Meter | None = None) -> AiohttpClient:
+        # meter: aiohttp reads in its own protocol, which cannot be timed from here
         return AiohttpClient(host, port, tls=tls, limit=limit,
                              connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
                              max_head_bytes=max_head_bytes)

@@ -29,6 +29,12 @@ Rules:
    connection is closed and the answer fails as "head_too_large": the bytes are counted
    before the parser sees them, since httptools joins a header value's pieces as they come
    (an endless value would grow, quadratically, until timeout_s).
+8. The body pieces llhttp finds in one read (a chunked answer's chunks) reach the Response
+   as one piece, after the read is parsed: bytes that came together leave together, and a
+   stream of small chunks costs one call per read, not one per chunk.
+9. A pool with a `meter` (the mirrors', proxy/datapath/loopshare.py) times every read of an
+   answer and tells the meter, and tells it of every connection made; when the meter says
+   so, the answer being read is cut ("shed").
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Any, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.datapath.transport import Sink, UpstreamError
+from proxy.datapath.transport import Meter, Sink, UpstreamError
 
 HIGH_WATER = 256 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # limits.max_header_bytes' default (Envoy's is 60 KiB)
@@ -244,6 +250,7 @@ class Connection(asyncio.Protocol):
         self.trailing = 0  # 1: a chunk's size line ended; 2: no body since (rule 7)
         self.trailer_bytes = 0
         self.refused: WireError | None = None  # why on_header stopped the parser
+        self.pieces: list[bytes] = []  # the body found in the read being parsed (rule 8)
 
     # asyncio.Protocol ----------------------------------------------------------------------
 
@@ -251,6 +258,18 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        meter = self.pool.meter
+        if meter is None:
+            self.received(data)
+            return
+        started = time.perf_counter()
+        self.received(data)
+        if not meter.spend(time.perf_counter() - started) and self.expecting \
+                and not self.closed:
+            self.failed(WireError("shed", "a mirror's answer took more than its share of "
+                                  "the loop (shadow.max_loop_share)"))
+
+    def received(self, data: bytes) -> None:
         if not self.expecting:  # nobody asked: a backend talking out of turn is not reused
             self.close()
             return
@@ -270,13 +289,17 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            self.deliver()
             self.failed(WireError("bad_response", "the backend switched protocols unasked"))
         except httptools.HttpParserError as exc:
+            self.deliver()  # what was parsed before the error still goes to the reader
             refused, self.refused = self.refused, None
             self.failed(refused or WireError(
                 "bad_response" if self.response is None else "truncated",
                 f"unparseable answer: {exc}"))
         else:
+            if self.pieces:
+                self.deliver()
             return True
         return False
 
@@ -383,9 +406,20 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.trailing = 0
         if self.expecting and self.response is not None and not self.response.done:
-            self.response.feed(body)
+            self.pieces.append(body)
+
+    def deliver(self) -> None:
+        """The body pieces parsed so far go to the Response, joined (rule 8)."""
+        pieces, response = self.pieces, self.response
+        if not pieces:
+            return
+        self.pieces = []
+        if response is not None and not response.done:
+            response.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def on_message_complete(self) -> None:
+        if self.pieces:
+            self.deliver()
         if (not self.expecting or self.informational or self.response is None
                 or self.response.done):
             return
@@ -489,8 +523,9 @@ class Pool:
     def __init__(self, host: str, port: int, *, limit: int, connect_timeout_s: float,
                  timeout_s: float, keepalive_s: float = 30.0,
                  tls: ssl.SSLContext | None = None,
-                 max_head_bytes: int = MAX_HEAD_BYTES) -> None:
+                 max_head_bytes: int = MAX_HEAD_BYTES, meter: Meter | None = None) -> None:
         self.host, self.port, self.tls = host, port, tls
+        self.meter = meter  # rule 9
         self.max_head_bytes = max_head_bytes  # rule 7; set again when the config changes
         name = f"[{host}]" if ":" in host else host  # an IPv6 literal
         self.host_header = name if port == (443 if tls else 80) else f"{name}:{port}"
@@ -635,6 +670,8 @@ class Pool:
             raise WireError("connect_error", f"cannot connect: {exc.strerror or exc}") from exc
         finally:
             self.connecting -= 1
+            if self.meter is not None:  # rule 9: a connection costs the loop too
+                self.meter.connected()
         if self.closed:
             conn.close()
             raise WireError("connect_error", "the pool is closed")

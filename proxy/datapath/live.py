@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from proxy.config.model import Config
 from proxy.datapath.decide import Plan
-from proxy.datapath.transport import Transport
+from proxy.datapath.transport import Meter, Transport
 from proxy.datapath.upstream import Pool, make_pool
 
 
@@ -34,21 +34,22 @@ def primary_pool(config: Config, name: str, transport: Transport) -> Pool:
                      transport=transport)
 
 
-def mirror_pool(config: Config, name: str, transport: Transport) -> Pool:
+def mirror_pool(config: Config, name: str, transport: Transport, meter: Meter | None) -> Pool:
     return make_pool(config.backends[name], timeout_s=config.shadow.timeout_s,
                      limit=max(1, config.shadow.max_in_flight),
-                     max_head_bytes=config.limits.max_header_bytes, transport=transport)
+                     max_head_bytes=config.limits.max_header_bytes, transport=transport,
+                     meter=meter)
 
 
-def first(config: Config, plan: Plan, transport: Transport) -> Live:
+def first(config: Config, plan: Plan, transport: Transport, meter: Meter | None = None) -> Live:
     return Live(config, plan,
                 {name: primary_pool(config, name, transport) for name in config.backends},
-                {name: mirror_pool(config, name, transport) for name in config.backends},
+                {name: mirror_pool(config, name, transport, meter) for name in config.backends},
                 config.routing.reads_json)
 
 
-def reloaded(live: Live, config: Config,
-             transport: Transport) -> tuple[Live, list[tuple[Pool, float]]]:
+def reloaded(live: Live, config: Config, transport: Transport,
+             meter: Meter | None = None) -> tuple[Live, list[tuple[Pool, float]]]:
     """The snapshot for a new config, and the pools it retires (each with how long its
     requests may still need)."""
     old = live.config
@@ -61,5 +62,5 @@ def reloaded(live: Live, config: Config,
             pools[name] = primary_pool(config, name, transport)
         if backend != old.backends.get(name) or config.shadow != old.shadow or heads_changed:
             retired.append((mirrors[name], config.shadow.timeout_s))
-            mirrors[name] = mirror_pool(config, name, transport)
+            mirrors[name] = mirror_pool(config, name, transport, meter)
     return Live(config, live.plan, pools, mirrors, config.routing.reads_json), retired

@@ -27,7 +27,7 @@ from proxy.datapath.decide import Decision, Plan
 from proxy.datapath.fallback import Breaker, RetryBudget, retrying
 from proxy.datapath.live import Live, first, reloaded
 from proxy.datapath.sessions import Pins
-from proxy.datapath.transport import Transport
+from proxy.datapath.transport import Meter, Transport
 from proxy.datapath.upstream import H1, Pool, UpstreamError, send
 from proxy.state.recent import Recent
 from proxy.state.store import Store, Stored, due_steps, effective, now_rfc3339, rolled_back
@@ -59,6 +59,7 @@ class Answer:
 class Runtime:
     def __init__(self, config: Config, *, metrics: Metrics, store: Store, users: DistinctUsers,
                  pins: Pins, capture: Capture | None = None, transport: Transport = H1,
+                 mirror_share: Meter | None = None,
                  clock: Clock = utc_now,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
@@ -76,8 +77,9 @@ class Runtime:
         self._stored = store.load()
         self.applied = due_steps(config.rollout.schedule, self._stored, clock())
         self.transport = transport  # how backends are spoken to (proxy/datapath/transport.py)
+        self.mirror_share = mirror_share  # what mirrors' reads may take of the loop
         self.live: Live = first(config, Plan("legacy", 0.0, config.rollout.salt,
-                                             config.shadow.sample), transport)
+                                             config.shadow.sample), transport, mirror_share)
         fb = config.fallback
         self.breaker = Breaker(fb.circuit, monotonic)
         self.budget = RetryBudget(fb.budget_ratio, fb.budget_window_s, monotonic)
@@ -111,7 +113,7 @@ class Runtime:
     def reload(self, config: Config) -> None:
         """Swap in a validated config: one new snapshot; requests in flight keep theirs."""
         old = self.config
-        self.live, retired = reloaded(self.live, config, self.transport)
+        self.live, retired = reloaded(self.live, config, self.transport, self.mirror_share)
         for pool, delay_s in retired:
             self.tasks.spawn(close_later(pool, delay_s), name="pool-retire")
         if config.guards.window_s != old.guards.window_s:

@@ -13,10 +13,16 @@ Rules:
    (inside the same in-flight cap); what differs between legacy's two answers is noise.
 7. A mirror holds its in-flight slot while next_gen answers, not while legacy does: the
    comparison is made by whichever of the two answers ends second (Pairing).
-8. What the first of the two answers parks for the comparison (its parsed JSON, counted as
-   the body bytes it came from, at most telemetry.json_max_bytes) is bounded in all by
-   shadow.max_held_bytes: past it that comparison is dropped ("held_bytes"), its answers are
-   still measured. A mirror done before a slow legacy is not bounded by max_in_flight.
+8. What mirrors keep to compare is bounded in all by shadow.max_held_bytes: the bodies they
+   are reading (a Tee's copy, or an event stream's open line and event) and what the first of
+   the two answers parks for the comparison (its parsed JSON, counted as the body bytes it
+   came from, at most telemetry.json_max_bytes). Past it that comparison is dropped
+   ("held_bytes"); its answers are still measured. A mirror done before a slow legacy is not
+   bounded by max_in_flight.
+9. Reading mirrors' answers takes at most `shadow.max_loop_share` of the event loop
+   (proxy/datapath/loopshare.py): past it a new mirror is dropped ("overload") and one being
+   read is cut ("overload" too). A cut mirror is no figure of next_gen's: it is neither
+   recorded for the guards nor compared.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from multidict import CIMultiDict
 from proxy.config.model import Config, ShadowConfig
 from proxy.datapath.budget import SpendBudget
 from proxy.datapath.live import Live
+from proxy.datapath.loopshare import LoopShare
 from proxy.datapath.transport import Answer
 from proxy.datapath.upstream import UpstreamError, fire, read_error, send
 from proxy.tasks import Tasks
@@ -48,6 +55,7 @@ log = logging.getLogger("rollout_proxy")
 WAITING: Any = object()  # the primary has not reported yet
 UNFINISHED: Any = object()  # the primary's handler ended without an answer to measure
 DROPPED: Any = object()  # an answer not parked: past shadow.max_held_bytes (rule 8)
+STARVED: Any = object()  # a mirror's body not read for figures: past max_held_bytes (rule 8)
 
 
 class Pairing:
@@ -84,14 +92,17 @@ class Pairing:
 class Shadow:
     def __init__(self, metrics: Metrics, trace: TraceWriter | None,
                  record: Callable[[str, Measurement], None], budget: SpendBudget,
+                 share: LoopShare | None = None, max_held_bytes: int = 16 * 2**20,
                  chance: Callable[[], float] = random.random) -> None:
         self.metrics, self.trace = metrics, trace
+        self.share = share or LoopShare(1.0)  # rule 9; the mirror pools charge it
         self.record = record  # feeds the guards' windows
         self.budget, self.chance = budget, chance
         self.noise = Noise()
         self.tasks = Tasks()
         self.in_flight = 0
-        self.held_bytes = 0  # parked for comparisons (rule 8)
+        self.held_bytes = 0  # kept to compare: read by the mirrors' Tees, or parked (rule 8)
+        self.max_held_bytes = max_held_bytes  # shadow.max_held_bytes, set again on reload
         self.closing = False
         self.cut = False  # past the shutdown grace
         self.drained = asyncio.Event()  # set while no mirror is in flight
@@ -163,13 +174,30 @@ class Shadow:
             self.conclude(pairing)
 
     def mirrored(self, pairing: Pairing, answers: Sequence[tuple[Measurement, Any]]) -> None:
+        if any(seen.error == "shed" for seen, _ in answers):  # rule 9: not next_gen's doing
+            self.metrics.shadow_dropped.labels("overload").inc()
+            pairing.answers = DROPPED
+            return
         seen = answers[0][0]
         self.metrics.measured("next_gen", "shadow", seen)
         self.record("next_gen", seen)
         self.budget.spend(seen.tokens, seen.cost_usd)
-        if pairing.primary is WAITING and not self.park(pairing, answers):
+        if any(document is STARVED for _, document in answers):
+            self.metrics.shadow_dropped.labels("held_bytes").inc()
+            answers = DROPPED
+        elif pairing.primary is WAITING and not self.park(pairing, answers):
             answers = DROPPED
         pairing.answers = answers
+
+    def take(self, size: int) -> bool:
+        """The mirrors' Tees' allowance (observe.Allowance): rule 8's bound."""
+        if self.held_bytes + size > self.max_held_bytes:
+            return False
+        self.held_bytes += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held_bytes -= size
 
     def park(self, pairing: Pairing, answers: Sequence[tuple[Measurement, Any]]) -> bool:
         """Keep `answers` in `pairing` until the other half ends, if the bound allows
@@ -179,10 +207,9 @@ class Shadow:
         cost = sum(min(seen.bytes, cap) for seen, document in answers if document is not None)
         if not cost:
             return True
-        if self.held_bytes + cost > config.shadow.max_held_bytes:
+        if not self.take(cost):
             self.metrics.shadow_dropped.labels("held_bytes").inc()
             return False
-        self.held_bytes += cost
         pairing.held += cost
         return True
 
@@ -196,7 +223,7 @@ class Shadow:
     def refusal(self, config: ShadowConfig) -> str | None:
         if self.closing:
             return "shutdown"
-        if self.in_flight >= config.max_in_flight:
+        if self.in_flight >= config.max_in_flight or self.share.spent:
             return "overload"
         if not self.budget.allow():
             return "budget"
@@ -273,19 +300,25 @@ class Shadow:
                                   extra)
         except UpstreamError as exc:
             return no_answer(exc.kind, (time.monotonic() - started) * 1000), None
-        tee = tee_for(response.headers, telemetry, True)
-        first_byte, error = None, None
+        tee = tee_for(response.headers, telemetry, True, self)
+        first_byte, error, share = None, None, self.share
         try:
             while chunk := await response.next_chunk():
                 first_byte = first_byte or time.monotonic()
+                fed = time.perf_counter()
                 tee.feed(chunk)
+                if not share.charge(time.perf_counter() - fed):  # rule 9
+                    error = UpstreamError("shed", "past shadow.max_loop_share")
+                    break
         except UpstreamError as exc:
             error = read_error(exc, backend)
         finally:
             response.close() if error else response.release()
-        return measure_tee(response.status, response.headers, tee, started=started,
-                           first_byte=first_byte, ended=time.monotonic(), telemetry=telemetry,
-                           error=error.kind if error else None, backend=backend)
+        seen, document = measure_tee(
+            response.status, response.headers, tee, started=started, first_byte=first_byte,
+            ended=time.monotonic(), telemetry=telemetry, error=error.kind if error else None,
+            backend=backend)
+        return seen, STARVED if tee.starved else document
 
     async def close(self, grace_s: float) -> None:
         """Running mirrors get `grace_s` to end; then the rest are cut and counted."""
@@ -312,7 +345,8 @@ class MirrorSink:
         self.tee: Tee | None = None
 
     def head(self, response: Answer) -> None:
-        self.tee = tee_for(response.headers, self.pairing.live.config.telemetry, True)
+        self.tee = tee_for(response.headers, self.pairing.live.config.telemetry, True,
+                           self.shadow)
 
     def chunk(self, data: bytes) -> None:
         if self.first_byte is None:
@@ -325,6 +359,8 @@ class MirrorSink:
         shadow, pairing = self.shadow, self.pairing
         if shadow.cut:
             shadow.metrics.shadow_dropped.labels("shutdown").inc()
+            if self.tee is not None:
+                self.tee.release()
             shadow.release(pairing)
             return
         if retry:  # the backend had closed the idle connection: again, on a new one
@@ -336,9 +372,10 @@ class MirrorSink:
             assert error is not None
             shadow.ended(pairing, no_answer(error.kind, (ended - self.started) * 1000), None)
             return
-        shadow.ended(pairing, *measure_tee(
+        seen, document = measure_tee(
             response.status, response.headers, self.tee, started=self.started,
             first_byte=self.first_byte, ended=ended,
             telemetry=pairing.live.config.telemetry,
-            error=read_error(error, "next_gen").kind if error else None, backend="next_gen"))
+            error=read_error(error, "next_gen").kind if error else None, backend="next_gen")
+        shadow.ended(pairing, seen, STARVED if self.tee.starved else document)
 

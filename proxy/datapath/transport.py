@@ -6,7 +6,9 @@ Implementations: proxy.datapath.h1 (the lean client, the default) and
 proxy.datapath.aiohttp_transport (aiohttp's client, to compare: `serve --transport aiohttp`).
 
 Rule: every failure of a backend surfaces as UpstreamError, with `kind` naming why:
-connect_error (nothing was sent), timeout, reset, bad_response, truncated, head_too_large.
+connect_error (nothing was sent), timeout, reset, bad_response, truncated, head_too_large,
+and shed (a mirror's answer cut for taking more than its share of the loop: never the
+backend's fault, never shown to a client).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class UpstreamError(Exception):
 
     STATUS: ClassVar[dict[str, int]] = {"connect_error": 502, "timeout": 504, "reset": 502,
                                         "bad_request": 400, "bad_response": 502,
-                                        "truncated": 502, "head_too_large": 502}
+                                        "truncated": 502, "head_too_large": 502,
+                                        "shed": 502}
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
@@ -77,6 +80,16 @@ class Sink(Protocol):
     def done(self, response: Answer | None, error: UpstreamError | None, retry: bool) -> None: ...
 
 
+class Meter(Protocol):
+    """Told how long each read of a mirror's answer took (proxy/datapath/loopshare.py);
+    False: cut that answer (UpstreamError "shed")."""
+
+    def spend(self, seconds: float) -> bool: ...
+
+    def connected(self) -> None:
+        """A connection was made (or tried) for a mirror."""
+
+
 class Client(Protocol):
     """One backend's connections for one purpose (the clients' traffic, or mirrors)."""
 
@@ -100,4 +113,8 @@ class Transport(Protocol):
     name: str
 
     def client(self, host: str, port: int, *, tls: ssl.SSLContext | None, limit: int,
-               connect_timeout_s: float, timeout_s: float, max_head_bytes: int) -> Client: ...
+               connect_timeout_s: float, timeout_s: float, max_head_bytes: int,
+               meter: Meter | None = None) -> Client:
+        """`meter`, for the mirrors' clients: charged with the time each read takes (an
+        implementation that cannot time its reads ignores it: aiohttp's, whose mirrors are
+        then charged only for measuring what they read)."""

@@ -17,7 +17,7 @@ from yarl import URL
 
 from proxy.config.model import BackendConfig
 from proxy.datapath import h1
-from proxy.datapath.transport import Answer, Client, Sink, Transport, UpstreamError
+from proxy.datapath.transport import Answer, Client, Meter, Sink, Transport, UpstreamError
 
 __all__ = ["H1", "Pool", "UpstreamError", "fire", "make_pool", "read_error", "send",
            "transport_named"]
@@ -31,9 +31,10 @@ class H1Transport:
     name = "h1"
 
     def client(self, host: str, port: int, *, tls: ssl.SSLContext | None, limit: int,
-               connect_timeout_s: float, timeout_s: float, max_head_bytes: int) -> h1.Pool:
+               connect_timeout_s: float, timeout_s: float, max_head_bytes: int,
+               meter: Meter | None = None) -> h1.Pool:
         return h1.Pool(host, port, tls=tls, limit=limit, connect_timeout_s=connect_timeout_s,
-                       timeout_s=timeout_s, max_head_bytes=max_head_bytes)
+                       timeout_s=timeout_s, max_head_bytes=max_head_bytes, meter=meter)
 
 
 H1 = H1Transport()
@@ -82,14 +83,15 @@ class Pool:
 
 def make_pool(backend: BackendConfig, *, timeout_s: float | None = None,
               limit: int | None = None, max_head_bytes: int = h1.MAX_HEAD_BYTES,
-              transport: Transport = H1) -> Pool:
+              transport: Transport = H1, meter: Meter | None = None) -> Pool:
     timeout_s = timeout_s or backend.timeout_s
     url = URL(backend.url)
     tls = ssl.create_default_context() if url.scheme == "https" else None
     client = transport.client(url.host or "127.0.0.1", url.port or (443 if tls else 80),
                               tls=tls, limit=limit or backend.max_connections,
                               connect_timeout_s=backend.connect_timeout_s,
-                              timeout_s=timeout_s, max_head_bytes=max_head_bytes)
+                              timeout_s=timeout_s, max_head_bytes=max_head_bytes,
+                              meter=meter)
     return Pool(backend, client, timeout_s, url.raw_path.rstrip("/"))
 
 
@@ -129,6 +131,6 @@ def read_error(exc: UpstreamError, backend: str) -> UpstreamError:
     """An error while the body streams: the answer is incomplete."""
     if exc.kind == "timeout":
         return UpstreamError("timeout", f"{backend} stalled mid-answer")
-    if exc.kind == "head_too_large":  # its trailers
+    if exc.kind in ("head_too_large", "shed"):  # its trailers; cut by the proxy
         return UpstreamError(exc.kind, f"{backend}: {exc.detail}")
     return UpstreamError("truncated", f"{backend} ended the answer early: {exc.detail}")

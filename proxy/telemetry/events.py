@@ -9,9 +9,11 @@ so memory stays bounded however long the stream runs.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 MAX_LINE = 1 << 20  # a longer line is not an event we measure; it is skipped
+JSON_START = re.compile(rb"[ \t\r\n]*[{\[]")  # matched in place: lstrip() would copy the data
 
 
 class EventStream:
@@ -107,7 +109,7 @@ class EventStream:
 
     def _dispatch(self, data: bytes) -> None:
         self.events += 1
-        if not self.wanted or not data.lstrip(b" \t\r\n").startswith((b"{", b"[")):
+        if not self.wanted or JSON_START.match(data) is None:
             return
         try:
             document = json.loads(data)

@@ -6,6 +6,9 @@ none. A change to what is measured is made here only.
 Rule 2: measuring never delays or buffers what the client receives. The body is teed into a
 bounded buffer only when a figure must come from it, and parsed as JSON only when the answer
 says it is JSON and fits the cap.
+Rule 3: a Tee given an Allowance (the mirrors' one, shadow.max_held_bytes) takes every byte it
+keeps from it, and gives them back once measured; when the allowance is spent the Tee gives
+up (`starved`): the answer is still timed and counted, its body is not read for figures.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.config.model import Extract, TelemetryConfig
 from proxy.telemetry.events import EventStream
@@ -88,8 +91,11 @@ def measure_tee(status: int | None, headers: Mapping[str, str], tee: Tee, *, sta
                 first_byte: float | None, ended: float, telemetry: TelemetryConfig,
                 error: str | None = None, backend: str | None = None) -> tuple[Measurement, Any]:
     """measure() over the body a Tee collected, and the parsed document (for a comparison).
-    With an error the answer is incomplete: its status is not counted."""
-    document = tee.json()
+    With an error the answer is incomplete: its status is not counted and its body is not
+    parsed (no figure is read from it, and a comparison with it is an error whatever it
+    holds: parsing a mirror cut mid-line would only cost the loop)."""
+    document = tee.json() if error is None else None
+    tee.release()
     return measure(None if error else status, headers, document, started=started,
                    first_byte=first_byte, ended=ended, size=tee.size, telemetry=telemetry,
                    error=error, backend=backend), document
@@ -104,29 +110,69 @@ def whole(value: float | None) -> float | int | None:
     return int(value) if value is not None and float(value).is_integer() else value
 
 
+class Allowance(Protocol):
+    """Bytes that many answers' Tees share (rule 3)."""
+
+    def take(self, size: int) -> bool: ...
+
+    def give(self, size: int) -> None: ...
+
+
 class Tee:
     """Collects a copy of the body up to `cap` bytes while it streams; past the cap, gives up.
     An event stream is parsed as it passes instead, keeping only the figures' last values."""
 
-    __slots__ = ("cap", "chunks", "events", "overflow", "size", "wanted")
+    __slots__ = ("allowance", "cap", "chunks", "events", "kept", "overflow", "size", "starved",
+                 "wanted")
 
-    def __init__(self, wanted: bool, cap: int, events: EventStream | None = None) -> None:
+    def __init__(self, wanted: bool, cap: int, events: EventStream | None = None,
+                 allowance: Allowance | None = None) -> None:
         self.wanted, self.cap = wanted and cap > 0, cap
         self.events = events
+        self.allowance = allowance
         self.chunks: list[bytes] = []
         self.size, self.overflow = 0, False
+        self.kept = 0  # taken from the allowance
+        self.starved = False  # the allowance was spent: no figures from the body (rule 3)
 
     def feed(self, chunk: bytes) -> None:
         self.size += len(chunk)
-        if self.events is not None:
-            self.events.feed(chunk)
+        events = self.events
+        if events is not None:
+            events.feed(chunk)
+            if self.allowance is not None:
+                self._hold(events.held)
             return
         if not self.wanted or self.overflow:
             return
         if self.size > self.cap:
             self.overflow, self.chunks = True, []
+            self.release()
             return
+        if self.allowance is not None:
+            self._hold(self.kept + len(chunk))
+            if self.starved:
+                return
         self.chunks.append(chunk)
+
+    def _hold(self, size: int) -> None:
+        """Keep `size` bytes in all: take the growth from the allowance, give back a fall."""
+        allowance, kept = self.allowance, self.kept
+        assert allowance is not None
+        if size < kept:
+            allowance.give(kept - size)
+        elif size > kept and not allowance.take(size - kept):
+            self.release()
+            self.starved, self.overflow, self.wanted = True, True, False
+            self.events, self.chunks = None, []
+            return
+        self.kept = size
+
+    def release(self) -> None:
+        """Give back what was taken from the allowance (once measured, or given up)."""
+        if self.kept and self.allowance is not None:
+            self.allowance.give(self.kept)
+        self.kept = 0
 
     def json(self) -> Any:
         if self.events is not None:
@@ -156,15 +202,17 @@ class Tee:
         return document
 
 
-def tee_for(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: bool) -> Tee:
+def tee_for(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: bool,
+            allowance: Allowance | None = None) -> Tee:
     """A Tee that collects what this answer's figures need, and nothing more."""
     content_type = headers.get("Content-Type", "").lower()  # media types ignore case
     if content_type.startswith("text/event-stream") and not headers.get("Content-Encoding"):
         wanted = tuple(p for p in (telemetry.tokens.json, telemetry.success.json) if p)
         if compare or (telemetry.tokens.json and not (
                 telemetry.tokens.header and telemetry.tokens.header in headers)):
-            return Tee(True, telemetry.json_max_bytes, EventStream(wanted))
-    return Tee(wants_body(headers, telemetry, compare), telemetry.json_max_bytes)
+            return Tee(True, telemetry.json_max_bytes, EventStream(wanted), allowance)
+    return Tee(wants_body(headers, telemetry, compare), telemetry.json_max_bytes,
+               allowance=allowance)
 
 
 def wants_body(headers: Mapping[str, str], telemetry: TelemetryConfig, compare: bool) -> bool:

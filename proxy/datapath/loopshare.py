@@ -1,0 +1,70 @@
+"""How much of the event loop's time mirrors may take: `shadow.max_loop_share` (pure).
+
+Rules:
+1. A mirror's answer is read as fast as next_gen writes it; nothing else slows it down (the
+   client is not waiting on it). So a next_gen that writes in small pieces, or without end,
+   would take the loop from the clients. What mirrors spend reading is charged here, in
+   seconds of the loop's time (what the read's Python took, plus READ_S for the loop's own
+   part, which cannot be timed from Python), and their credit grows by `share` seconds per
+   second, up to BURST_S.
+2. While the credit is spent, a new mirror is refused (counted as "overload"); a mirror
+   whose read takes it past -BURST_S is cut (its connection closed, counted as "overload",
+   never recorded as next_gen's error or compared). So mirrors take at most `share` of the
+   loop on average, and at most about 2 x BURST_S more in any stretch.
+3. The share binds only while clients wait (`contended`: a client request is in flight);
+   with none, mirrors may use the loop freely and nothing is charged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+BURST_S = 0.01  # credit saved while mirrors are idle, and the debt that cuts a mirror
+# The loop's own part of one read: uvloop's (epoll, recv, the bytes, the call) is some 5 us
+# of CPU on the bench machine (1 KiB pieces on a socket pair); the kernel's TCP receive on
+# the proxy's core about doubles it (`--scenario hostile`: some 25k reads a second took
+# 0.4-0.6 s of the loop, of which Python was 0.15 s).
+READ_S = 15e-6
+CONNECT_S = 50e-6  # a new connection: connect, its epoll registration, and its close
+
+
+class LoopShare:
+    __slots__ = ("clock", "contended", "credit", "last", "share")
+
+    def __init__(self, share: float, clock: Callable[[], float] = time.perf_counter,
+                 contended: Callable[[], bool] = lambda: True) -> None:
+        self.share, self.clock = share, clock
+        self.contended = contended  # rule 3; build() makes it "a client request is in flight"
+        self.credit = BURST_S
+        self.last = clock()
+
+    def _refill(self) -> float:
+        now = self.clock()
+        credit = min(BURST_S, self.credit + (now - self.last) * self.share)
+        self.last = now
+        return credit
+
+    def spend(self, seconds: float) -> bool:
+        """Charge one read whose Python took `seconds`; False when the mirror that made it
+        must be cut."""
+        return self.charge(seconds + READ_S)
+
+    def charge(self, seconds: float) -> bool:
+        """Charge work on a mirror's answer done outside a read (a mirror task measuring
+        what it was handed); False when that mirror must be cut."""
+        if not self.contended():
+            return True
+        self.credit = credit = self._refill() - seconds
+        return credit > -BURST_S or self.share >= 1.0
+
+    def connected(self) -> None:
+        """Charge a connection made for a mirror (each endless head or reset costs one)."""
+        if self.contended():
+            self.credit = self._refill() - CONNECT_S
+
+    @property
+    def spent(self) -> bool:
+        """Whether a new mirror must wait for credit (it is refused, not queued)."""
+        self.credit = credit = self._refill()
+        return credit <= 0.0 and self.share < 1.0 and self.contended()
