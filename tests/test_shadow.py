@@ -252,6 +252,16 @@ async def test_mirrored_copy_is_the_same_request_marked_as_shadow(
         assert sent[name] == value
 
 
+async def test_client_cannot_forge_the_shadow_marker(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    data = config_dict(backends["legacy"].url, backends["next_gen"].url)
+    async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http, \
+            http.post(f"{proxy.url}/v1/tasks", json={"task": "pay"},
+                      headers={"X-Rollout-Shadow": "1"}) as answer:
+        assert answer.status == 200
+    assert "X-Rollout-Shadow" not in backends["legacy"].seen[0].headers
+
+
 async def test_trace_line_per_mirrored_request(tmp_path: Path,
                                                backends: dict[str, Backend]) -> None:
     secret_user, secret_body = "user-secret-4242", "body-secret-prompt"
