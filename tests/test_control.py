@@ -1,5 +1,6 @@
-"""The control plane: schedule steps, pause and resume, promote through the schedule, and hot
-reload (file polling, the control loop itself, and SIGHUP on a real process)."""
+"""The control plane: schedule steps, pause and resume, promote through the schedule, hot
+reload (file polling, the control loop itself, and SIGHUP on a real process), and rollbacks
+called on the controller."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from tests.conftest import (
     wait_ready,
     write_config,
 )
+from tests.test_guards import answer
 
 SALT = "test"
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -176,6 +178,26 @@ async def test_pause_holds_a_step_that_becomes_due_and_resume_applies_the_latest
         assert (await status(http, proxy.admin))["percentage"] == 50
 
 
+async def test_second_pause_does_not_release_a_step_that_came_due_while_paused(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    clock = WallClock()
+    data = scheduled(backends, [{"at": at(1), "percentage": 60}])
+    async with running(tmp_path, data, clock=clock, sleep=parked) as proxy:
+        control, rt = proxy.proxy.control, proxy.proxy.runtime
+        control.pause("ops")
+        clock.advance(2)
+        control.tick()
+        assert (rt.plan.phase, rt.plan.percentage) == ("progressive", 10)
+        control.pause("ops")  # pausing again (e.g. a retried CLI call) must change nothing
+        control.tick()
+        assert (rt.stored.paused, rt.plan.percentage) == (True, 10)
+        # Any later edit of the YAML (here: a guard setting) re-counts the due steps.
+        write_config(tmp_path, deep_merge(data, {"guards": {"window_s": 120}}))
+        assert control.reload()
+        assert rt.stored.paused
+        assert rt.plan.percentage == 10  # once a bug: the held step applied while paused, 60
+
+
 async def test_guards_still_act_while_paused(tmp_path: Path,
                                              backends: dict[str, Backend]) -> None:
     async def broken(request: web.Request) -> web.Response:
@@ -261,6 +283,27 @@ async def test_resume_does_not_apply_a_step_while_a_guard_is_tripped(
         await call(http, proxy, "resume")
         document = await status(http, proxy.admin)
         assert document["percentage"] == 100  # SPEC: a step applies when all guards pass
+
+
+async def test_reload_does_not_apply_a_step_held_by_a_tripped_guard(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    clock, monotonic = WallClock(), Monotonic()
+    data = scheduled(backends, [{"at": at(1), "percentage": 60}],
+                     guards={"min_requests": 3, "error_rate": 0.1, "action": "alert"})
+    async with running(tmp_path, data, clock=clock, monotonic=monotonic,
+                       sleep=parked) as proxy:
+        control, rt = proxy.proxy.control, proxy.proxy.runtime
+        for _ in range(5):
+            rt.windows.add("next_gen", answer(500))
+        clock.advance(2)
+        control.tick()
+        assert (rt.plan.percentage, control.waiting_reason) == (10, "a guard is tripped")
+        write_config(tmp_path, deep_merge(data, {"guards": {"webhook": None,
+                                                            "latency_degradation": 0.5}}))
+        assert control.reload()
+        control.tick()
+        assert control.waiting_reason == "a guard is tripped"
+        assert rt.plan.percentage == 10  # once a bug: 60, the held step applied by the reload
 
 
 # Hot reload ----------------------------------------------------------------------------------
@@ -368,3 +411,16 @@ async def test_promote_applies_the_next_step_even_after_a_set_percentage(
         code, answer = await call(http, proxy, "promote")
         assert code == 200
         assert answer["percentage"] == 50
+
+
+# Rollback ------------------------------------------------------------------------------------
+
+
+async def test_rollback_to_a_percentage_from_shadow_puts_nobody_on_next_gen(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    data = config_dict(backends["legacy"].url, backends["next_gen"].url,
+                       rollout={"phase": "shadow", "percentage": 0})
+    async with running(tmp_path, data, sleep=parked) as proxy:
+        control, rt = proxy.proxy.control, proxy.proxy.runtime
+        control.rollback("shadow diffs look bad", "ops", percentage=5)
+        assert rt.plan.phase in ("legacy", "shadow")  # once a bug: progressive, 5 % on next_gen

@@ -13,6 +13,8 @@ import gzip
 import hashlib
 import json
 import os
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -49,14 +51,18 @@ def host_port(url: str) -> tuple[str, int]:
 
 
 @contextlib.asynccontextmanager
-async def raw_backend(reply: RawReply) -> AsyncIterator[str]:
-    """A backend that speaks whatever bytes `reply` writes, after reading a request head."""
+async def raw_backend(reply: RawReply, heads: list[bytes] | None = None
+                      ) -> AsyncIterator[str]:
+    """A backend that speaks whatever bytes `reply` writes, after reading a request head
+    (appended to `heads`, if given)."""
     writers: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.append(writer)
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            if heads is not None:
+                heads.append(head)
             await reply(reader, writer)
         writer.close()
 
@@ -69,6 +75,12 @@ async def raw_backend(reply: RawReply) -> AsyncIterator[str]:
         for writer in writers:
             writer.close()
         await server.wait_closed()
+
+
+async def plain_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A RawReply: a whole 200 answer, "ok"."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
+    await writer.drain()
 
 
 @contextlib.asynccontextmanager
@@ -222,6 +234,16 @@ async def test_non_websocket_upgrade_is_served_as_plain_request(
     assert "upgrade" not in upstream.get("Connection", "").lower()
 
 
+async def test_absolute_form_target_is_forwarded_as_its_path(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    data = config_dict(backends["legacy"].url, backends["next_gen"].url)
+    async with running(tmp_path, data) as proxy:
+        raw = await raw_exchange(proxy.url, b"GET http://example.com/v1/x?y=1 HTTP/1.1\r\n"
+                                 b"Host: example.com\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:80]
+    assert [seen.path_qs for seen in backends["legacy"].seen] == ["/v1/x?y=1"]
+
+
 async def test_expect_100_continue_gets_continue_and_body_is_forwarded(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
     async with running(tmp_path, legacy_config(backends)) as proxy, \
@@ -265,6 +287,41 @@ async def test_request_id_is_generated_and_sent_upstream(
     assert [headers["X-Request-Id"] for headers in upstream] == [rid_one, rid_two]
 
 
+async def test_configured_host_header_replaces_the_urls(tmp_path: Path,
+                                                        backends: dict[str, Backend]) -> None:
+    heads: list[bytes] = []
+    async with raw_backend(plain_ok, heads) as url:
+        data = config_dict(url, backends["next_gen"].url,
+                           backends={"legacy": {"headers": {"Host": "legacy.internal"}}})
+        async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http, \
+                http.get(f"{proxy.url}/v1/x") as response:
+            assert response.status == 200
+    hosts = [line for line in heads[0].split(b"\r\n") if line.lower().startswith(b"host:")]
+    assert hosts == [b"Host: legacy.internal"], heads[0]
+
+
+async def test_request_head_keeps_order_duplicates_and_drops_connection_named(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    heads: list[bytes] = []
+    async with raw_backend(plain_ok, heads) as url:
+        data = config_dict(url + "/api", backends["next_gen"].url)
+        headers = [("X-A", "1"), ("X-Secret-Hop", "s"), ("X-B", "2"), ("X-A", "3"),
+                   ("Connection", "X-Secret-Hop")]
+        async with running(tmp_path, data) as proxy, \
+                aiohttp.ClientSession(skip_auto_headers={"User-Agent"}) as http, \
+                http.get(f"{proxy.url}/v1/x?y=1", headers=headers) as response:
+            assert response.status == 200
+            assert await response.text() == "ok"
+    lines = heads[0].split(b"\r\n")
+    port = url.rsplit(":", 1)[1].encode()
+    assert lines[0] == b"GET /api/v1/x?y=1 HTTP/1.1"
+    assert lines[1] == b"Host: 127.0.0.1:" + port
+    mine = [line for line in lines if line.startswith((b"X-A", b"X-B", b"X-Secret"))]
+    assert mine == [b"X-A: 1", b"X-B: 2", b"X-A: 3"]
+    assert not any(line.lower().startswith((b"connection", b"content-length"))
+                   for line in lines)
+
+
 async def test_answer_reaches_client_unchanged_without_hop_headers(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
     payload = os.urandom(70_000)
@@ -298,6 +355,23 @@ async def test_answer_reaches_client_unchanged_without_hop_headers(
     for name in ("X-Backend-Hop", *HOP_BY_HOP):
         assert name not in headers, name
     assert "x-backend-hop" not in headers.get("Connection", "").lower()
+
+
+async def test_response_headers_keep_duplicates_and_order(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    async def cookies(request: web.Request) -> web.StreamResponse:
+        response = web.Response(text="x")
+        response.headers.add("Set-Cookie", "a=1")
+        response.headers.add("X-Z", "z")
+        response.headers.add("Set-Cookie", "b=2")
+        return response
+
+    backends["legacy"].handler = cookies
+    data = config_dict(backends["legacy"].url, backends["next_gen"].url)
+    async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http, \
+            http.get(f"{proxy.url}/v1/x") as response:
+        assert response.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+        assert response.headers["X-Z"] == "z"
 
 
 @pytest.mark.parametrize("status", [204, 304, 404, 500, 503])
@@ -497,6 +571,52 @@ async def test_large_chunked_answer_arrives_complete(
     assert received.digest() == expected.digest()
 
 
+# HTTPS backends ------------------------------------------------------------------------------
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_https_backend_answers_with_sni_and_host(
+        tmp_path: Path, backends: dict[str, Backend], monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # make_pool's default context trusts it
+    hosts: list[str] = []
+    names: list[str | None] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        hosts.append(request.headers["Host"])
+        return web.json_response({"tls": True})
+
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    tls.sni_callback = lambda _obj, name, _ctx: names.append(name)  # type: ignore[func-returns-value]
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        data = config_dict(f"https://localhost:{port}", backends["next_gen"].url)
+        async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http:
+            for _ in range(2):  # the second one over the kept-alive TLS connection
+                async with http.get(f"{proxy.url}/v1/x") as response:
+                    assert response.status == 200
+                    assert await response.json() == {"tls": True}
+    finally:
+        await runner.cleanup()
+    assert hosts == [f"localhost:{port}"] * 2
+    assert names == ["localhost"]  # one handshake, with SNI: the connection was kept alive
+
+
 # Phases through the proxy ---------------------------------------------------------------------
 
 
@@ -690,6 +810,24 @@ async def test_malformed_request_400_is_json(
     assert head.split(b" ", 2)[1] == b"400"
     assert b"application/json" in head.lower()
     assert set(json.loads(body)) >= {"error", "request_id"}
+
+
+async def test_connect_target_cannot_send_the_request_to_another_host(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    async def pwned(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                     b"Content-Length: 6\r\n\r\npwned!")
+        await writer.drain()
+
+    heads: list[bytes] = []  # a host the proxy must never talk to records every head it gets
+    data = config_dict(backends["legacy"].url, backends["next_gen"].url,
+                       backends={"legacy": {"headers": {"X-Backend-Secret": "s3cr3t"}}})
+    async with raw_backend(pwned, heads) as bystander, running(tmp_path, data) as proxy:
+        port = host_port(bystander)[1]
+        raw = await raw_exchange(proxy.url, f"CONNECT @127.0.0.1:{port} HTTP/1.1\r\n"
+                                 "Host: x\r\nConnection: close\r\n\r\n".encode())
+    assert heads == [], heads  # once a bug: the bystander got it, secret header included
+    assert raw.startswith((b"HTTP/1.1 4", b"HTTP/1.0 4")), raw[:80]
 
 
 TRUNCATED = {
@@ -897,6 +1035,26 @@ async def test_websocket_to_dead_backend_gives_json_502_naming_backend(tmp_path:
     assert refused.value.headers["X-Rollout-Backend"] == "legacy"
 
 
+async def test_websocket_handshake_to_a_silent_backend_times_out(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # silent until the peer leaves
+
+    async with raw_backend(silent) as url:
+        data = config_dict(url, backends["next_gen"].url,
+                           backends={"legacy": {"timeout_s": 0.5}})
+        async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http:
+            try:
+                async with asyncio.timeout(WAIT):
+                    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+                        await http.ws_connect(f"{proxy.url}/v1/live")
+                assert caught.value.status in (502, 504)
+            finally:  # let the proxy's handler go before the proxy stops
+                for pool in proxy.proxy.runtime.pools.values():
+                    if pool.session is not None:
+                        await pool.session.close()
+
+
 async def test_websocket_close_code_reaches_the_client(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
     async def close_with_policy(request: web.Request) -> web.WebSocketResponse:
@@ -914,6 +1072,27 @@ async def test_websocket_close_code_reaches_the_client(
             message = await ws.receive()
     assert message.type == aiohttp.WSMsgType.CLOSE
     assert (message.data, message.extra) == (4001, "quota exhausted")
+
+
+async def test_websocket_backend_crash_is_not_a_normal_close(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    async def crash(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()
+        assert request.transport is not None
+        request.transport.abort()  # the backend process dies mid-session
+        return ws
+
+    backends["legacy"].handler = crash
+    data = config_dict(backends["legacy"].url, backends["next_gen"].url)
+    async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http, \
+            http.ws_connect(f"{proxy.url}/v1/live") as ws:
+        await ws.send_str("go")
+        async with asyncio.timeout(WAIT):
+            message = await ws.receive()
+    assert message.type == aiohttp.WSMsgType.CLOSE
+    assert message.data != aiohttp.WSCloseCode.OK  # e.g. 1011 or 1014, never a clean 1000
 
 
 async def test_user_from_the_json_body_routes_when_no_earlier_source_has_one(

@@ -220,6 +220,15 @@ def test_over_long_line_ended_by_cr_at_a_chunk_end_skips_only_itself() -> None:
     assert stream.events == 1 and stream.paths == {TOKENS: 7}
 
 
+def test_one_endless_event_keeps_memory_bounded() -> None:
+    stream = EventStream((TOKENS,))
+    line = b"data: " + b"x" * 1000 + b"\n"
+    for _ in range(8_000):  # 8 MB of one event, as an SSE answer streams through the proxy
+        stream.feed(line)
+    held = stream.held
+    assert held <= 2 * MAX_LINE, held
+
+
 def test_every_split_point_gives_the_same_events() -> None:
     for text in (CHAT, CHAT.replace(b"\n", b"\r\n"), CHAT.replace(b"\n", b"\r")):
         whole = outcome(parsed([text]))

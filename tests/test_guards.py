@@ -31,6 +31,7 @@ from tests.conftest import (
     serve_app,
     spawn_serve,
     wait_ready,
+    write_config,
 )
 
 GUARDS = GuardsConfig(window_s=300, min_requests=5, error_rate=0.05, latency_degradation=0.2,
@@ -492,6 +493,29 @@ async def test_a_guard_fires_again_after_set_percentage_replaced_its_rollback(
         assert proxy.metric("rollout_guard_state", guard="error_rate") == 1
         assert (await status(http, proxy))["phase"] == "legacy"
         assert proxy.metric("rollout_rollbacks_total", trigger="error_rate") == 2
+
+
+async def test_guard_tripped_in_legacy_phase_still_rolls_back_once_the_rollout_resumes(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    monotonic = Monotonic()
+    base = config_dict(backends["legacy"].url, backends["next_gen"].url,
+                       rollout={"phase": "progressive", "percentage": 50},
+                       guards={"min_requests": 3, "error_rate": 0.1, "window_s": 60})
+    legacy_yaml = deep_merge(base, {"rollout": {"phase": "legacy"}})
+    async with running(tmp_path, legacy_yaml, monotonic=monotonic, sleep=parked) as proxy:
+        control, rt = proxy.proxy.control, proxy.proxy.runtime
+        for _ in range(5):
+            rt.windows.add("next_gen", answer(500))
+        control.tick()  # phase legacy: nothing to roll back
+        assert rt.plan.phase == "legacy"
+        # The operator moves the YAML back to progressive; next_gen is still failing.
+        write_config(tmp_path, base)
+        assert control.reload()
+        for _ in range(5):
+            rt.windows.add("next_gen", answer(500))
+        control.tick()
+        assert [v.state for v in control.verdicts if v.guard == "error_rate"] == ["tripped"]
+        assert rt.plan.phase == "legacy"  # once a bug: stayed progressive 50 %, guard tripped
 
 
 # Guards act on the answer that crosses the line ----------------------------------------------

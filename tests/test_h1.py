@@ -1,4 +1,5 @@
-"""proxy.datapath.h1, the lean HTTP/1.1 client, against real servers on 127.0.0.1.
+"""proxy.datapath.h1, the lean HTTP/1.1 client, against real servers on 127.0.0.1 (and once
+through the real proxy, for its connection limit).
 
 Raw asyncio servers write exact bytes where a test needs a backend that misbehaves at the
 byte level; aiohttp servers play the well-behaved ones. Nothing of the HTTP stack is mocked.
@@ -13,14 +14,16 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config.model import BackendConfig
 from proxy.datapath import h1, upstream
-from tests.conftest import free_port, serve_app
+from tests.conftest import Backend, config_dict, free_port, running, serve_app
 
 READ_SIZE = 256 * 1024  # what asyncio's socket transport reads at once (its max_size)
 
@@ -732,6 +735,53 @@ async def test_limit_holds_when_a_freed_slot_races_a_newcomer(
     assert body == b"ok"
     assert len(pool.open) <= 1
     assert backend.accepted == 2
+
+
+async def test_slot_handed_over_as_the_wait_times_out_is_not_lost(
+        pools: Callable[..., h1.Pool]) -> None:
+    async def hello(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="hello")
+
+    runner, port = await aiohttp_backend(hello)
+    pool = pools(port, limit=1, timeout_s=0.2)
+    loop = asyncio.get_running_loop()
+    try:
+        first = await pool.request("GET", "/", {}, None)  # holds the only slot
+        waiting = asyncio.create_task(pool.request("GET", "/", {}, None))
+        await asyncio.sleep(0)  # one yield: the task runs up to its wait, with no I/O
+        assert len(pool.waiters) == 1
+
+        def stall() -> None:  # the loop stopped past both deadlines, as in a GC pause
+            time.sleep(0.4)
+
+        loop.call_later(0.05, first.close)  # the slot frees just before the wait's deadline
+        loop.call_soon(stall)
+        with contextlib.suppress(h1.WireError):
+            (await waiting).release()
+        assert pool.connecting == 0, "a held slot was never given back"
+        async with asyncio.timeout(5.0):
+            again = await pool.request("GET", "/", {}, None)
+        assert await again.read() == b"hello"
+        again.release()
+    finally:
+        await runner.cleanup()
+
+
+async def test_limit_one_serves_requests_one_after_another_through_the_proxy(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    data = config_dict(backends["legacy"].url, backends["next_gen"].url,
+                       backends={"legacy": {"max_connections": 1}})
+    async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http:
+        async def one() -> int:
+            async with http.get(f"{proxy.url}/v1/x") as response:
+                await response.read()
+                return response.status
+
+        async with asyncio.timeout(5.0):
+            statuses = await asyncio.gather(*(one() for _ in range(20)))
+        pool = proxy.proxy.runtime.pools["legacy"].client
+        assert statuses == [200] * 20
+        assert len(pool.open) <= 1 and pool.connecting == 0
 
 
 # Back-pressure -----------------------------------------------------------------------------

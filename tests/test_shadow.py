@@ -252,6 +252,16 @@ async def test_mirrored_copy_is_the_same_request_marked_as_shadow(
         assert sent[name] == value
 
 
+async def test_client_cannot_forge_the_shadow_marker(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    data = config_dict(backends["legacy"].url, backends["next_gen"].url)
+    async with running(tmp_path, data) as proxy, aiohttp.ClientSession() as http, \
+            http.post(f"{proxy.url}/v1/tasks", json={"task": "pay"},
+                      headers={"X-Rollout-Shadow": "1"}) as answer:
+        assert answer.status == 200
+    assert "X-Rollout-Shadow" not in backends["legacy"].seen[0].headers
+
+
 async def test_trace_line_per_mirrored_request(tmp_path: Path,
                                                backends: dict[str, Backend]) -> None:
     secret_user, secret_body = "user-secret-4242", "body-secret-prompt"
@@ -357,6 +367,47 @@ async def test_trace_bytes_are_the_encoded_body(tmp_path: Path,
     assert (status, body, headers["Content-Encoding"]) == (200, compressed, "gzip")
     assert line["old_system"]["bytes"] == len(compressed)
     assert line["old_system"]["tokens"] == 12000
+
+
+async def test_number_turned_boolean_is_a_shape_mismatch(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    async def answer_with(done: object) -> web.Response:
+        return web.json_response({"success": True, "done": done})
+
+    async def legacy(request: web.Request) -> web.StreamResponse:
+        return await answer_with(1)
+
+    async def next_gen(request: web.Request) -> web.StreamResponse:
+        return await answer_with(True)
+
+    backends["legacy"].handler, backends["next_gen"].handler = legacy, next_gen
+    async with running(tmp_path, shadow_config(backends)) as proxy, \
+            aiohttp.ClientSession() as http:
+        async with http.post(f"{proxy.url}/v1/tasks", json={"q": 1}) as response:
+            assert response.status == 200
+        lines = await settled_trace(proxy)
+        assert len(lines) == 1
+        assert lines[0]["match"]["shape"] is False, lines[0]["match"]
+        assert lines[0]["match"]["diff"] == ["done"]
+        assert proxy.metric("rollout_shadow_comparisons_total", result="mismatch") == 1
+
+
+async def test_identical_answers_match_and_trace_line_keeps_its_fields(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    async with running(tmp_path, shadow_config(backends)) as proxy, \
+            aiohttp.ClientSession() as http:
+        async with http.post(f"{proxy.url}/v1/tasks?x=1", json={"q": 1},
+                             headers={"X-Request-Id": "rid-1"}) as response:
+            assert response.status == 200
+        lines = await settled_trace(proxy)
+    assert len(lines) == 1
+    line = lines[0]
+    assert list(line) == ["execution_id", "ts", "method", "path", "old_system", "new_system",
+                          "match"]
+    assert line["execution_id"] == "rid-1" and line["path"] == "/v1/tasks"
+    assert list(line["old_system"]) == ["status", "time_ms", "ttft_ms", "tokens", "success",
+                                        "memory_mb", "bytes", "cost_usd"]
+    assert line["match"]["result"] == "match", line["match"]
 
 
 async def retired_pools_closed() -> None:

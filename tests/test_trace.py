@@ -8,6 +8,7 @@ import contextlib
 import json
 import signal
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.telemetry import trace as trace_module
 from proxy.telemetry.metrics import Metrics
-from proxy.telemetry.trace import TraceWriter
+from proxy.telemetry.trace import TraceWriter, utc_stamp
 from tests.conftest import Backend, Process, config_dict, spawn_serve, wait_ready
 
 pytestmark = pytest.mark.timeout(60)
@@ -155,6 +156,12 @@ async def test_a_failing_disk_is_counted_not_raised(tmp_path: Path) -> None:
         w.write(record(n))
     await w.close()
     assert lines_metric(w, "error") == 3
+
+
+def test_trace_stamp_milliseconds_match_the_old_datetime_format() -> None:
+    for now in (1700000000.001, 1700000000.123, 1700000000.29):
+        old = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+        assert utc_stamp(now) == old.replace("+00:00", "Z")
 
 
 # A real process ------------------------------------------------------------------------------
