@@ -33,6 +33,7 @@ from proxy.config.model import Config
 from proxy.control.admin import Admin
 from proxy.control.controller import Controller
 from proxy.datapath.budget import SpendBudget
+from proxy.datapath.capture import Capture
 from proxy.datapath.handler import ProxyHandler
 from proxy.datapath.loopshare import LoopShare
 from proxy.datapath.runtime import Runtime
@@ -42,7 +43,6 @@ from proxy.datapath.transport import Transport
 from proxy.datapath.upstream import H1, transport_named
 from proxy.state.store import FileStore, Store, due_steps, write_atomically
 from proxy.state.users import ActiveUsers, DistinctUsers, RedisActiveUsers
-from proxy.telemetry.capture import Capture
 from proxy.telemetry.metrics import CIRCUIT_STATES, Metrics
 from proxy.telemetry.trace import TraceWriter
 

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from proxy.config.model import CaptureConfig
-from proxy.telemetry.capture import MAX_SHAPE, Capture, shape_of, template
+from proxy.datapath.capture import MAX_SHAPE, Capture, shape_of, template
 from tests.conftest import serve_app
 
 UUID = "3f2b8c1e-9a4d-4e6f-8b2a-1c5d7e9f0a3b"

@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 
 from proxy.config.model import CaptureConfig
+from proxy.datapath.capture import Capture
 from proxy.offline.replay import Progress, main
-from proxy.telemetry.capture import Capture
 from tests.conftest import config_dict, dead_url, serve_app, write_config
 
 Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -4,6 +4,7 @@ handler.py (aiohttp's edge) reads the live snapshot once (live.py), asks decide.
 request goes (the one place a request is decided), runtime.py obtains the answer as
 fallback.py plans it, through the transport seam (transport.py; h1.py by default,
 aiohttp_transport.py beside it; upstream.py makes the pools), and shadow.py mirrors it.
-headers.py: what is forwarded; sessions.py: session pins; budget.py: the mirrors' spend cap.
+headers.py: what is forwarded; sessions.py: session pins; budget.py: the mirrors' spend cap;
+loopshare.py: the mirrors' share of the loop; capture.py: usage patterns kept for replay.
 May import: proxy.config, proxy.telemetry, proxy.state, proxy.tasks. decide.py is pure.
 Only upstream.py, the transports and h1.py know which HTTP client is used."""

@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 
 from proxy.config.model import Config
 from proxy.datapath import fallback, transport
+from proxy.datapath.capture import Capture
 from proxy.datapath.decide import Decision, Plan
 from proxy.datapath.fallback import Breaker, RetryBudget, retrying
 from proxy.datapath.live import Live, first, reloaded
@@ -33,7 +34,6 @@ from proxy.state.recent import Recent
 from proxy.state.store import Store, Stored, due_steps, effective, now_rfc3339, rolled_back
 from proxy.state.users import DistinctUsers
 from proxy.tasks import Tasks
-from proxy.telemetry.capture import Capture
 from proxy.telemetry.guards import Windows
 from proxy.telemetry.metrics import Metrics
 from proxy.telemetry.observe import Measurement, measure, no_answer

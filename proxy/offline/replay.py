@@ -38,8 +38,8 @@ from yarl import URL
 
 from proxy.config.loading import load_config
 from proxy.config.model import Config, ConfigError, parse_config
+from proxy.datapath.capture import NOT_JSON, REPLAY_HEADER
 from proxy.datapath.decide import mirrorable
-from proxy.telemetry.capture import NOT_JSON, REPLAY_HEADER
 from proxy.telemetry.compare import compare
 from proxy.telemetry.observe import Measurement, measure_tee, no_answer, tee_for
 

@@ -1,6 +1,6 @@
 """Figures: what one answer measured (observe.py, events.py for event streams), how legacy's
 and next_gen's answers compare (compare.py), the guards' rolling windows and verdicts
 (guards.py), Prometheus metrics (metrics.py, hotmetrics.py), the comparison trace's schema
-(record.py) and its writer (trace.py), usage capture (capture.py).
+(record.py) and its writer (trace.py).
 May import: proxy.config, proxy.tasks. compare.py and guards.py are pure: no aiohttp, no
 sockets, no file I/O (tests/test_layers.py)."""
