@@ -353,6 +353,25 @@ async def test_sequential_requests_reuse_one_connection(
     assert [r.split(b" ")[1] for r in backend.requests] == [b"/one", b"/two", b"/three"]
 
 
+async def test_a_connection_idle_past_keepalive_s_by_the_pools_clock_is_not_reused(
+        raw: Callable[[Script], Awaitable[RawBackend]]) -> None:
+    """The pool reads time from its injected clock: 29 s idle is reused, 31 s is not."""
+    backend = await raw(always(answer(b"ok")))
+    now = [1000.0]
+    pool = h1.Pool("127.0.0.1", backend.port, limit=0, connect_timeout_s=1.0, timeout_s=2.0,
+                   keepalive_s=30.0, clock=lambda: now[0])
+    try:
+        await fetch(pool)
+        now[0] += 29
+        await fetch(pool)
+        assert backend.accepted == 1
+        now[0] += 31
+        _, body = await fetch(pool)
+        assert (body, backend.accepted) == (b"ok", 2)
+    finally:
+        await pool.close()
+
+
 async def test_connection_close_from_the_backend_means_a_new_connection_next(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:

@@ -7,4 +7,5 @@ aiohttp_transport.py beside it; upstream.py makes the pools), and shadow.py mirr
 headers.py: what is forwarded; sessions.py: session pins; budget.py: the mirrors' spend cap;
 loopshare.py: the mirrors' share of the loop; capture.py: usage patterns kept for replay.
 May import: proxy.config, proxy.telemetry, proxy.state, proxy.tasks. decide.py is pure.
-Only upstream.py, the transports and h1.py know which HTTP client is used."""
+Only upstream.py and the transports (h1.py, the pool, over h1wire.py, one connection's framing)
+know which HTTP client is used."""
