@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "proxy"
 PURE = ("proxy.datapath.decide", "proxy.telemetry.compare", "proxy.telemetry.guards",
-        "proxy.config.model", "proxy.config.fields")
+        "proxy.config.model", "proxy.config.fields", "proxy.telemetry.families")
 IMPURE_IMPORTS = ("aiohttp", "socket", "asyncio", "ssl", "httptools", "uvloop", "redis",
                   "multidict", "yarl")
 FILE_CALLS = frozenset({"open", "fdopen", "mkstemp"})  # called by name, or as os.open

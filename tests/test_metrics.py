@@ -4,7 +4,9 @@ and no label value that carries a user id, a request id or a raw path."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config.model import PHASES
+from proxy.telemetry.families import FAMILIES
 from proxy.telemetry.metrics import code_class
 from tests.conftest import TOKEN, Backend, Running, config_dict, metrics_samples, running
 
@@ -191,3 +194,50 @@ async def test_no_label_value_holds_a_user_id_request_id_or_path(
 def test_code_class_buckets_statuses() -> None:
     assert [code_class(s) for s in (101, 200, 304, 404, 503, None, 99, 600)] == [
         "1xx", "2xx", "3xx", "4xx", "5xx", "error", "error", "error"]
+
+
+TRAFFIC = """
+from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.observe import Measurement
+import sys
+metrics = Metrics(multiprocess_dir=sys.argv[1] if len(sys.argv) > 1 else None)
+metrics.answered("legacy", "primary", 200, 0.02, 900, 128)
+metrics.answered("next_gen", "shadow", 503, 0.3, None, None)
+metrics.errored("next_gen", "primary", "head_too_large")
+metrics.compared("mismatch")
+metrics.traced("written", 3)
+metrics.fallbacks.labels("error").inc()
+metrics.show_plan("progressive", 25, False)
+sys.stdout.write(metrics.exposition().decode())
+"""
+
+
+async def exposition_of(tmp_path: Path, workers: bool) -> dict[str, Any]:
+    """What /metrics shows after the same answers, in one process or as one of --workers
+    (prometheus_client picks its file-backed values at import: a fresh interpreter)."""
+    shared = tmp_path / "metrics"
+    shared.mkdir(exist_ok=True)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared)} if workers else None
+    args = [str(shared)] if workers else []
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", TRAFFIC, *args, env=env, stdout=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        out, _ = await process.communicate()
+    assert process.returncode == 0
+    return {family.name: (family.type, sorted((s.name, tuple(sorted(s.labels.items())), s.value)
+                                              for s in family.samples))
+            for family in text_string_to_metric_families(out.decode())}
+
+
+async def test_one_process_and_workers_show_the_same_families_and_figures(
+        tmp_path: Path) -> None:
+    alone = await exposition_of(tmp_path, workers=False)
+    shared = await exposition_of(tmp_path, workers=True)
+    assert {name.removesuffix("_total") for name in alone} == {f.name for f in FAMILIES}
+    # --workers' files hold only the families a worker wrote to; the rest show no samples.
+    assert {name: alone[name] for name in shared} == shared
+    assert all(not samples for name, (_, samples) in alone.items() if name not in shared)
+    assert len(shared) >= 12
+    requests = dict(((labels, value) for _, labels, value in alone["rollout_requests"][1]))
+    assert requests[(("backend", "next_gen"), ("code_class", "error"), ("role", "primary"))] == 1
+    assert requests[(("backend", "next_gen"), ("code_class", "5xx"), ("role", "shadow"))] == 1

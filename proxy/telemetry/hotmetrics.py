@@ -1,21 +1,32 @@
-"""The request path's own metrics: plain counters, made into Prometheus families when scraped.
+"""The request path's families in one process: plain counters, made into Prometheus families
+when scraped.
 
 Rule: the proxy is one event loop in one thread, so these need no lock; prometheus_client
-takes a lock per observation, which cost about 8 % of throughput on the request path. With
---workers (multiprocess mode) Metrics keeps prometheus_client's objects instead, whose values
-the workers share through files.
+takes a lock per observation, which cost about 8 % of throughput on the request path. The
+rows come from families.py, the same table metrics.py builds prometheus_client objects from
+with --workers; a series here has the same `inc`/`observe` as a prometheus_client child.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-LABELS_BR = ["backend", "role"]
+from proxy.telemetry.families import Family, Series
+
+
+class Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
 
 
 class Hist:
@@ -28,9 +39,9 @@ class Hist:
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
-        self.total += value
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1  # le: value <= bound
+        self.total += amount
 
     def cumulative(self) -> list[tuple[str, float]]:
         running, result = 0, []
@@ -41,50 +52,32 @@ class Hist:
 
 
 class HotFamilies(Collector):
-    def __init__(self, backends: Iterable[str], roles: Iterable[str],
-                 classes: Iterable[str], buckets: tuple[float, ...],
-                 comparisons: Iterable[str], trace_lines: Iterable[str]) -> None:
-        pairs = [(b, r) for b in backends for r in roles]
-        self.comparisons = dict.fromkeys(comparisons, 0)
-        self.trace_lines = dict.fromkeys(trace_lines, 0)
-        self.requests = {(b, r, c): 0 for b, r in pairs for c in classes}
-        self.duration = {pair: Hist(buckets) for pair in pairs}
-        self.ttfb = {pair: Hist(buckets) for pair in pairs}
-        self.tokens = dict.fromkeys(pairs, 0.0)
+    """The hot families of one process, exposed on the registry they are registered with."""
+
+    def __init__(self) -> None:
+        self.counted: list[tuple[Family, dict[Series, Count]]] = []
+        self.observed: list[tuple[Family, dict[Series, Hist]]] = []
+
+    def counter(self, family: Family) -> dict[Series, Count]:
+        assert family.kind == "counter", family.name
+        series = {labels: Count() for labels in family.series}
+        self.counted.append((family, series))
+        return series
+
+    def histogram(self, family: Family) -> dict[Series, Hist]:
+        assert family.kind == "histogram", family.name
+        series = {labels: Hist(family.buckets) for labels in family.series}
+        self.observed.append((family, series))
+        return series
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily("rollout_requests",
-                                       "Answers by backend, role and status class",
-                                       labels=["backend", "role", "code_class"])
-        for labels, count in self.requests.items():
-            requests.add_metric(list(labels), count)
-        yield requests
-        tokens = CounterMetricFamily("rollout_tokens", "Tokens the backends reported",
-                                     labels=LABELS_BR)
-        for pair, total in self.tokens.items():
-            tokens.add_metric(list(pair), total)
-        yield tokens
-        yield histogram("rollout_request_duration_seconds", "Time to an answer's last byte",
-                        self.duration)
-        yield counters("rollout_shadow_comparisons", "Shadow comparisons by result", "result",
-                       self.comparisons)
-        yield counters("rollout_trace_lines", "Comparison trace lines", "result",
-                       self.trace_lines)
-        yield histogram("rollout_time_to_first_byte_seconds",
-                        "Time to an answer's first body byte", self.ttfb)
-
-
-def counters(name: str, documentation: str, label: str,
-             counts: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation, labels=[label])
-    for value, count in counts.items():
-        family.add_metric([value], count)
-    return family
-
-
-def histogram(name: str, documentation: str,
-              series: dict[tuple[str, str], Hist]) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=LABELS_BR)
-    for pair, hist in series.items():
-        family.add_metric(list(pair), hist.cumulative(), sum_value=hist.total)
-    return family
+        for family, counts in self.counted:
+            counter = CounterMetricFamily(family.name, family.doc, labels=family.labels)
+            for labels, count in counts.items():
+                counter.add_metric(labels, count.value)
+            yield counter
+        for family, hists in self.observed:
+            histogram = HistogramMetricFamily(family.name, family.doc, labels=family.labels)
+            for labels, hist in hists.items():
+                histogram.add_metric(labels, hist.cumulative(), sum_value=hist.total)
+            yield histogram
