@@ -61,8 +61,8 @@ class Crossings:
             found = module_of(walk)
             root = found or root
             walk = walk.f_back
-        if root.split(".")[-1] in SKIPPED_ROOTS and callee.split(".")[-1] in ("state",):
-            return
+        if root.split(".")[0] in SKIPPED_ROOTS:
+            return  # the control plane's own work (its loop, the state watch), not the request
         self.pairs[(caller, callee)] += 1
         self.calls[(caller, f"{callee}.{frame.f_code.co_qualname}")] += 1
 

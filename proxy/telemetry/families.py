@@ -2,8 +2,8 @@
 series made at start, buckets.
 
 1. One table serves both modes: metrics.py builds prometheus_client objects from it (with
-   --workers their values are shared through files); hotmetrics.py builds the request path's
-   lock-free counters from the same rows (one process). A family is written here only.
+   --workers their values are shared through files), or, in one process, lock-free counters
+   for the request path's six from the same rows. A family is written here only.
 2. No label ever holds a user id, a request id or a raw path: label values come from the
    small fixed sets below (backends, roles, code classes, reasons, phases).
 3. `series` are the label values that exist from the start, so dashboards and alerts see
@@ -55,7 +55,7 @@ def every(*values: tuple[str, ...]) -> tuple[Series, ...]:
 BR: Final = ("backend", "role")
 PAIRS: Final = every(BACKENDS, ROLES)
 
-# The request path's six: lock-free in one process (hotmetrics.py).
+# The request path's six: lock-free in one process (metrics.HotFamilies).
 REQUESTS: Final = Family("rollout_requests", "counter",
                          "Answers by backend, role and status class",
                          (*BR, "code_class"), every(BACKENDS, ROLES, CODE_CLASSES))
