@@ -31,6 +31,14 @@ from proxy.telemetry.observe import Measurement
 CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
 
+class Counting(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Observing(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
 class Count:
     __slots__ = ("value",)
 
@@ -70,17 +78,17 @@ class HotFamilies(Collector):
         self.counted: list[tuple[Family, dict[Series, Count]]] = []
         self.observed: list[tuple[Family, dict[Series, Hist]]] = []
 
-    def counter(self, family: Family) -> dict[Series, Count]:
+    def counts(self, family: Family) -> dict[Series, Counting]:
         assert family.kind == "counter", family.name
         series = {labels: Count() for labels in family.series}
         self.counted.append((family, series))
-        return series
+        return dict(series)
 
-    def histogram(self, family: Family) -> dict[Series, Hist]:
+    def observes(self, family: Family) -> dict[Series, Observing]:
         assert family.kind == "histogram", family.name
         series = {labels: Hist(family.buckets) for labels in family.series}
         self.observed.append((family, series))
-        return series
+        return dict(series)
 
     def collect(self) -> Iterator[Metric]:
         for family, counts in self.counted:
@@ -93,14 +101,6 @@ class HotFamilies(Collector):
             for labels, hist in hists.items():
                 histogram.add_metric(labels, hist.cumulative(), sum_value=hist.total)
             yield histogram
-
-
-class Counting(Protocol):
-    def inc(self, amount: float = 1) -> None: ...
-
-
-class Observing(Protocol):
-    def observe(self, amount: float) -> None: ...
 
 
 def code_class(status: int | None) -> str:
@@ -135,28 +135,40 @@ def histogram(family: Family, registry: CollectorRegistry) -> Histogram:
     return made
 
 
+class Hot(Protocol):
+    """Where the request path's six families live: HotFamilies (one process) or
+    SharedFamilies (--workers)."""
+
+    def counts(self, family: Family) -> dict[Series, Counting]: ...
+
+    def observes(self, family: Family) -> dict[Series, Observing]: ...
+
+
+class SharedFamilies:
+    """prometheus_client's own objects: with --workers their values are shared through files."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def counts(self, family: Family) -> dict[Series, Counting]:
+        made = counter(family, self.registry)
+        return {labels: made.labels(*labels) for labels in family.series}
+
+    def observes(self, family: Family) -> dict[Series, Observing]:
+        made = histogram(family, self.registry)
+        return {labels: made.labels(*labels) for labels in family.series}
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None,
                  multiprocess_dir: str | None = None) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = r = registry if registry is not None else CollectorRegistry()
         self.multiprocess_dir = multiprocess_dir
-        hot = HotFamilies() if multiprocess_dir is None else None
-        if hot is not None:
+        hot: Hot = SharedFamilies(r) if multiprocess_dir is not None else HotFamilies()
+        if isinstance(hot, HotFamilies):
             r.register(hot)
-
-        def counts(family: Family) -> dict[Series, Counting]:
-            if hot is not None:
-                return dict(hot.counter(family))
-            made = counter(family, r)
-            return {labels: made.labels(*labels) for labels in family.series}
-
-        def observes(family: Family) -> dict[Series, Observing]:
-            if hot is not None:
-                return dict(hot.histogram(family))
-            made = histogram(family, r)
-            return {labels: made.labels(*labels) for labels in family.series}
-
+        counts, observes = hot.counts, hot.observes
         self._requests = counts(f.REQUESTS)
         self._durations = observes(f.DURATION)
         self._ttfb = observes(f.TTFB)
