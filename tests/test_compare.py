@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from proxy.telemetry.compare import MAX_DIFF, compare, shape_diff
 from proxy.telemetry.compare import same_shape as quick_shape
 from proxy.telemetry.observe import Measurement
+from proxy.telemetry.record import match_fields
 
 NOTHING: frozenset[str] = frozenset()
 LEGACY_BODY = {"id": "a1", "success": True, "usage": {"total_tokens": 12000},
@@ -64,7 +65,7 @@ def test_different_success_is_a_mismatch() -> None:
 def test_no_answer_from_next_gen_is_an_error(kind: str) -> None:
     result = compare(answer(200), LEGACY_BODY, answer(None, error=kind), None, NOTHING)
     assert result.result == "error"
-    assert result.trace_fields()["result"] == "error"
+    assert match_fields(result)["result"] == "error"
 
 
 def test_no_answer_is_an_error_even_when_legacy_failed_too() -> None:
@@ -146,7 +147,8 @@ def test_diff_is_capped() -> None:
 
 
 def test_trace_fields_carry_every_verdict() -> None:
-    fields = compare(answer(), LEGACY_BODY, answer(200, False), LEGACY_BODY, NOTHING).trace_fields()
+    fields = match_fields(compare(answer(), LEGACY_BODY, answer(200, False), LEGACY_BODY,
+                                  NOTHING))
     assert {key: fields[key] for key in ("result", "status", "success", "shape", "diff")} == {
         "result": "mismatch", "status": True, "success": False, "shape": True, "diff": []}
 

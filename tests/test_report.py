@@ -37,6 +37,7 @@ from proxy.offline.report_stats import (
 from proxy.offline.report_trace import parse_line, path_prefix
 from proxy.telemetry.compare import compare
 from proxy.telemetry.observe import Measurement
+from proxy.telemetry.record import match_fields, side_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,9 +162,9 @@ def test_reads_the_lines_the_proxy_writes() -> None:
     for i, (new, body) in enumerate([(ok, {"a": 1}), (ok, {"a": "x"}), (failed, None)]):
         records.append({
             "execution_id": f"r{i}", "ts": "2024-01-01T00:00:00.000Z", "method": "POST",
-            "path": "/v1/tasks", "old_system": old.trace_fields(),
-            "new_system": new.trace_fields(),
-            "match": compare(old, {"a": 1}, new, body, frozenset()).trace_fields()})
+            "path": "/v1/tasks", "old_system": side_fields(old),
+            "new_system": side_fields(new),
+            "match": match_fields(compare(old, {"a": 1}, new, body, frozenset()))})
     summary = summary_of(records)
     overall = summary.overall
     assert (overall.matches, overall.mismatches, overall.errors) == (1, 1, 1)

@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy.telemetry import trace as trace_module
 from proxy.telemetry.metrics import Metrics
-from proxy.telemetry.trace import TraceWriter, utc_stamp
+from proxy.telemetry.record import utc_stamp
+from proxy.telemetry.trace import TraceWriter
 from tests.conftest import Backend, Process, config_dict, spawn_serve, wait_ready
 
 pytestmark = pytest.mark.timeout(60)

@@ -48,7 +48,7 @@ from proxy.telemetry.compare import Noise, compare
 from proxy.telemetry.metrics import Metrics
 from proxy.telemetry.observe import Measurement, Tee, measure_tee, no_answer, tee_for
 from proxy.telemetry.record import TraceRecord
-from proxy.telemetry.trace import TraceWriter, utc_stamp
+from proxy.telemetry.trace import TraceWriter
 
 SHADOW_HEADER = ("X-Rollout-Shadow", "1")
 log = logging.getLogger("rollout_proxy")
@@ -286,7 +286,7 @@ class Shadow:
         self.metrics.compared(comparison.result)
         if self.trace is not None:  # the SPEC's trace record (proxy/telemetry/record.py)
             self.trace.write_line(TraceRecord.line(
-                pairing.rid, utc_stamp(time.time()), pairing.method, pairing.path_qs, old,
+                pairing.rid, time.time(), pairing.method, pairing.path_qs, old,
                 seen, comparison))
 
     async def send(self, pairing: Pairing, backend: str, method: str, path_qs: str,

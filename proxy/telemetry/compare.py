@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.telemetry.observe import Measurement, json_value
+from proxy.telemetry.observe import Measurement
 
 MAX_DIFF = 20
 
@@ -27,23 +27,8 @@ class Comparison:
     diff: tuple[str, ...] = field(default_factory=tuple)
     noise: tuple[str, ...] = field(default_factory=tuple)
 
-    def trace_fields(self) -> dict[str, Any]:
-        return {"result": self.result, "status": self.status, "success": self.success,
-                "shape": self.shape, "diff": list(self.diff), "noise": list(self.noise)}
-
-    def trace_json(self) -> str:
-        """trace_fields() as compact JSON, as json would write it."""
-        if self is MATCH:
-            return MATCH_JSON
-        diff = ",".join(json_value(path) for path in self.diff)
-        noise = ",".join(json_value(path) for path in self.noise)
-        return (f'{{"result":{json_value(self.result)},"status":{json_value(self.status)},'
-                f'"success":{json_value(self.success)},"shape":{json_value(self.shape)},'
-                f'"diff":[{diff}],"noise":[{noise}]}}')
-
 
 MATCH = Comparison("match", True, True, True)
-MATCH_JSON = Comparison("match", True, True, True).trace_json()  # a twin: MATCH's own is this
 
 
 MISMATCH_KINDS = ("status", "success", "shape")  # what a mismatch can be about

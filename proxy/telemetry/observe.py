@@ -14,7 +14,6 @@ up (`starved`): the answer is still timed and counted, its body is not read for 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,56 +35,6 @@ class Measurement:
     #   head_too_large
     cost_usd: float | None = None
 
-    def trace_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "status": self.status, "time_ms": round(self.time_ms, 3),
-            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
-            "tokens": whole(self.tokens), "success": self.success,
-            "memory_mb": self.memory_mb, "bytes": self.bytes,
-            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 8),
-        }
-        if self.error:
-            fields["error"] = self.error
-        return fields
-
-    def trace_json(self) -> str:
-        """trace_fields() as compact JSON, byte for byte what json would write, made without
-        the dict (a mirror's trace line is written per request in shadow)."""
-        value = json_value
-        status, tokens, success, memory = self.status, self.tokens, self.success, self.memory_mb
-        ttft = "null" if self.ttft_ms is None else value(round(self.ttft_ms, 3))
-        cost = "null" if self.cost_usd is None else value(round(self.cost_usd, 8))
-        text = (f'{{"status":{"null" if status is None else value(status)},'
-                f'"time_ms":{value(round(self.time_ms, 3))},"ttft_ms":{ttft},'
-                f'"tokens":{"null" if tokens is None else value(whole(tokens))},'
-                f'"success":{"true" if success is True else value(success)},'
-                f'"memory_mb":{"null" if memory is None else value(memory)},'
-                f'"bytes":{value(self.bytes)},"cost_usd":{cost}')
-        if self.error:
-            text += f',"error":{value(self.error)}'
-        return text + "}"
-
-
-_STRING = json.encoder.encode_basestring_ascii  # what json.dumps uses by default
-COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per call
-
-
-def json_value(value: Any) -> str:
-    """One value as json.dumps(separators=(",", ":")) writes it."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if type(value) is str:
-        return _STRING(value)
-    if type(value) is int:
-        return int.__repr__(value)
-    if type(value) is float and math.isfinite(value):
-        return float.__repr__(value)
-    return COMPACT.encode(value)
-
 
 def measure_tee(status: int | None, headers: Mapping[str, str], tee: Tee, *, started: float,
                 first_byte: float | None, ended: float, telemetry: TelemetryConfig,
@@ -104,10 +53,6 @@ def measure_tee(status: int | None, headers: Mapping[str, str], tee: Tee, *, sta
 def no_answer(kind: str, time_ms: float = 0.0) -> Measurement:
     """A request that got no complete answer: `kind` says why (connect_error, timeout, ...)."""
     return Measurement(None, time_ms, None, 0, None, False, None, kind)
-
-
-def whole(value: float | None) -> float | int | None:
-    return int(value) if value is not None and float(value).is_integer() else value
 
 
 class Allowance(Protocol):

@@ -14,30 +14,16 @@ import contextlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from proxy.telemetry.metrics import Metrics
-from proxy.telemetry.observe import COMPACT
+from proxy.telemetry.record import COMPACT
 
 log = logging.getLogger("rollout_proxy")
 MAX_BUFFERED = 100_000
 MAX_BUFFERED_BYTES = 64 * 2**20
 FLUSH_LINES, FLUSH_BYTES = 1000, 2**20  # either wakes the writer before its interval
-
-
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
-
-
-def utc_stamp(now: float) -> str:
-    """RFC 3339 UTC with milliseconds, as datetime.isoformat gives, at a fraction of the cost
-    (the date and time are formatted once a second)."""
-    micro = round(now * 1_000_000)  # as datetime rounds a timestamp: to microseconds
-    second = micro // 1_000_000
-    if second != _second[0]:
-        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{micro // 1000 % 1000:03d}Z"
 
 
 class TraceWriter:
