@@ -64,8 +64,10 @@ class AiohttpAnswer:
 
 
 class AiohttpClient:
-    def __init__(self, host: str, port: int, *, tls: ssl.SSLContext | None, limit: int,
-                 connect_timeout_s: float, timeout_s: float, max_head_bytes: int) -> None:
+    def __init__(self, host: str, port: int, *, name: str, tls: ssl.SSLContext | None,
+                 limit: int, connect_timeout_s: float, timeout_s: float,
+                 max_head_bytes: int) -> None:
+        self.name = name  # the backend's, in the errors request() raises
         self.base = f"{'https' if tls else 'http'}://{host}:{port}"
         self.tls, self.limit, self.max_head_bytes = tls, limit, max_head_bytes
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
@@ -84,6 +86,9 @@ class AiohttpClient:
 
     async def request(self, method: str, target: str, headers: Headers, body: bytes | None,
                       extra: tuple[tuple[str, str], ...] = ()) -> AiohttpAnswer:
+        if not target.startswith("/"):  # origin-form only: never let a target name a host
+            raise UpstreamError("bad_request", f"refused request target {target[:50]!r}"
+                                ).named(self.name)
         sent = CIMultiDict(headers)
         for name, value in extra:
             sent.add(name, value)
@@ -92,7 +97,7 @@ class AiohttpClient:
                 method, URL(self.base + target, encoded=True), headers=sent, data=body,
                 allow_redirects=False, compress=None, chunked=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise upstream_error(exc, self.base) from exc
+            raise upstream_error(exc, self.base).named(self.name) from exc
         return AiohttpAnswer(response, self.base)
 
     def fire(self, method: str, target: str, headers: Headers, body: bytes | None, sink: Sink,
@@ -109,10 +114,10 @@ class AiohttpClient:
 class AiohttpTransport:
     name = "aiohttp"
 
-    def client(self, host: str, port: int, *, tls: ssl.SSLContext | None, limit: int,
-               connect_timeout_s: float, timeout_s: float,
+    def client(self, host: str, port: int, *, name: str, tls: ssl.SSLContext | None,
+               limit: int, connect_timeout_s: float, timeout_s: float,
                max_head_bytes: int, meter: Meter | None = None) -> AiohttpClient:
         # meter: aiohttp reads in its own protocol, which cannot be timed from here
-        return AiohttpClient(host, port, tls=tls, limit=limit,
+        return AiohttpClient(host, port, name=name, tls=tls, limit=limit,
                              connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
                              max_head_bytes=max_head_bytes)

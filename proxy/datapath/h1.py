@@ -71,11 +71,12 @@ class Pool:
     """Keep-alive connections to one backend, at most `limit` open at once (0: no limit)."""
 
     def __init__(self, host: str, port: int, *, limit: int, connect_timeout_s: float,
-                 timeout_s: float, keepalive_s: float = 30.0,
+                 timeout_s: float, name: str = "", keepalive_s: float = 30.0,
                  tls: ssl.SSLContext | None = None,
                  max_head_bytes: int = MAX_HEAD_BYTES, meter: Meter | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.host, self.port, self.tls = host, port, tls
+        self.name = name or host  # the backend's, in the errors request() and fire() raise
         self.clock = clock  # every deadline and idle age is read from it
         self.meter = meter  # rule 9
         self.max_head_bytes = max_head_bytes  # rule 7; set again when the config changes
@@ -98,21 +99,27 @@ class Pool:
                       extra: tuple[tuple[str, str], ...] = ()) -> Response:
         """Send, and wait for the answer's head. `extra` headers go after `headers` (the
         caller makes sure no name is in both)."""
-        head = self.head(method, target, headers, body, extra)
-        head_only = method == "HEAD"
-        for attempt in (1, 2):
-            conn = await self.acquire()
-            try:
-                return await conn.send(head, body, head_only)
-            except BaseException as exc:
-                conn.close()
-                if not (isinstance(exc, WireError) and exc.kind == "reset" and attempt == 1
-                        and conn.reused and not conn.got_bytes and method in IDEMPOTENT):
-                    raise
-        raise AssertionError("not reached")
+        try:
+            head = self.head(method, target, headers, body, extra)
+            head_only = method == "HEAD"
+            for attempt in (1, 2):
+                conn = await self.acquire()
+                try:
+                    return await conn.send(head, body, head_only)
+                except BaseException as exc:
+                    conn.close()
+                    if not (isinstance(exc, WireError) and exc.kind == "reset"
+                            and attempt == 1 and conn.reused and not conn.got_bytes
+                            and method in IDEMPOTENT):
+                        raise
+            raise AssertionError("not reached")
+        except WireError as exc:
+            raise exc.named(self.name) from exc
 
     def head(self, method: str, target: str, headers: Headers, body: bytes | None,
              extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+        if not target.startswith("/"):  # origin-form only: never let a target name a host
+            raise WireError("bad_request", f"refused request target {target[:50]!r}")
         # A Host among the headers (a backend's configured headers) replaces the URL's.
         host = "" if "Host" in headers else f"Host: {self.host_header}\r\n"
         lines = [f"{method} {target} HTTP/1.1\r\n{host}"]
@@ -134,7 +141,10 @@ class Pool:
         nothing sent, when no connection is idle (then use request())."""
         if not self.idle:
             return False
-        head = self.head(method, target, headers, body, extra)
+        try:
+            head = self.head(method, target, headers, body, extra)
+        except WireError as exc:
+            raise exc.named(self.name) from exc
         conn = self.take_idle()
         if conn is None:
             return False

@@ -144,14 +144,21 @@ class Response:
         return chunks
 
     def take(self) -> bytes | None:
-        """The whole body if the answer has already ended cleanly, else None (read it)."""
+        """The whole body if the answer has already ended cleanly, else None (read it).
+        A body taken is the answer finished: its connection goes back to the pool."""
+        body = self._whole()
+        if body is not None:
+            self.release()
+        return body
+
+    def _whole(self) -> bytes | None:
         if self.done and self.error is None:
             self._buffered = 0
             return b"".join(self._drain())
         return None
 
     async def read(self) -> bytes:
-        body = self.take()
+        body = self._whole()
         if body is not None:
             return body
         parts = []

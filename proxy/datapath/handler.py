@@ -29,7 +29,7 @@ from proxy.datapath.live import Live
 from proxy.datapath.runtime import Answer, Runtime
 from proxy.datapath.shadow import UNFINISHED, Pairing, Shadow
 from proxy.datapath.upstream import UpstreamError, read_error
-from proxy.telemetry.observe import Tee, measure_tee, no_answer, tee_for
+from proxy.telemetry.observe import Measurement, Tee, measure_body, measure_tee, no_answer, tee_for
 
 log = logging.getLogger("rollout_proxy")
 NO_BODY_STATUS = frozenset({204, 304})
@@ -247,13 +247,9 @@ class ProxyHandler:
         (aiohttp sends an unprepared Response that way). One still arriving streams
         instead: holding its first bytes until the last came would delay them (a drip)."""
         upstream = answer.response
-        upstream.release()
-        tee = tee_for(upstream.headers, telemetry, primary_seen is not None)
-        tee.feed(body)
-        now = self.rt.monotonic()
         # Measured once the answer has left (the loop's next turn): off the client's latency.
-        asyncio.get_running_loop().call_soon(self.observed, answer, tee, now, None,
-                                             primary_seen, telemetry, now)
+        asyncio.get_running_loop().call_soon(self.observed_whole, answer, body,
+                                             self.rt.monotonic(), primary_seen, telemetry)
         return web.Response(status=upstream.status, reason=upstream.reason, headers=headers,
                             body=body)
 
@@ -296,9 +292,18 @@ class ProxyHandler:
         await response.write_eof()
         return response
 
+    def observed_whole(self, answer: Answer, body: bytes, ended: float,
+                       primary_seen: Pairing | None, telemetry: TelemetryConfig) -> None:
+        """observed() for a small answer that left in one write."""
+        upstream = answer.response
+        seen, document = measure_body(upstream.status, upstream.headers, body,
+                                      started=answer.started, ended=ended, telemetry=telemetry,
+                                      compare=primary_seen is not None, backend=answer.backend)
+        self.settled(answer, seen, document, primary_seen)
+
     def observed(self, answer: Answer, tee: Tee, first_byte: float | None,
                  error: UpstreamError | None, primary_seen: Pairing | None,
-                 telemetry: TelemetryConfig, ended: float | None = None) -> None:
+                 telemetry: TelemetryConfig) -> None:
         """Measure the answer once; feed metrics, windows and a waiting comparison.
         A client that went away says nothing about the backend: nothing is recorded."""
         upstream = answer.response
@@ -309,9 +314,12 @@ class ProxyHandler:
             return
         seen, document = measure_tee(
             upstream.status, upstream.headers, tee, started=answer.started,
-            first_byte=first_byte, ended=self.rt.monotonic() if ended is None else ended,
-            telemetry=telemetry, error=error.kind if error else None,
-            backend=answer.backend)
+            first_byte=first_byte, ended=self.rt.monotonic(), telemetry=telemetry,
+            error=error.kind if error else None, backend=answer.backend)
+        self.settled(answer, seen, document, primary_seen)
+
+    def settled(self, answer: Answer, seen: Measurement, document: Any,
+                primary_seen: Pairing | None) -> None:
         self.rt.record(answer, seen)
         if primary_seen is not None:
             primary_seen.report((seen, document))

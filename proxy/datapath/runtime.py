@@ -29,7 +29,7 @@ from proxy.datapath.fallback import Breaker, RetryBudget, retrying
 from proxy.datapath.live import Live, first, reloaded
 from proxy.datapath.sessions import Pins
 from proxy.datapath.transport import Meter, Transport
-from proxy.datapath.upstream import H1, Pool, UpstreamError, send
+from proxy.datapath.upstream import H1, Pool, UpstreamError
 from proxy.state.recent import Recent
 from proxy.state.store import Store, Stored, due_steps, effective, now_rfc3339, rolled_back
 from proxy.state.users import DistinctUsers
@@ -221,7 +221,8 @@ class Runtime:
             headers = CIMultiDict(headers)
             for name, value in extra:
                 headers[name] = value
-        response = await send(live.pools[backend], method, path_qs, headers, body)
+        pool = live.pools[backend]  # its client is the transport seam: errors come named
+        response = await pool.client.request(method, pool.prefix + path_qs, headers, body)
         return Answer(backend, role, response, started)
 
     def failed(self, backend: str, role: str, exc: UpstreamError) -> None:

@@ -42,7 +42,7 @@ from proxy.datapath.budget import SpendBudget
 from proxy.datapath.live import Live
 from proxy.datapath.loopshare import LoopShare
 from proxy.datapath.transport import Answer
-from proxy.datapath.upstream import UpstreamError, fire, read_error, send
+from proxy.datapath.upstream import UpstreamError, read_error
 from proxy.tasks import Tasks
 from proxy.telemetry.compare import Noise, compare
 from proxy.telemetry.metrics import Metrics
@@ -156,7 +156,8 @@ class Shadow:
         try:
             live = pairing.live
             sent, extra = self.copy_headers(live.config, headers, "next_gen")
-            if fire(live.mirror_pools["next_gen"], method, path_qs, sent, body, sink, extra):
+            pool = live.mirror_pools["next_gen"]
+            if pool.client.fire(method, pool.prefix + path_qs, sent, body, sink, extra):
                 return
         except UpstreamError as exc:
             self.ended(pairing, no_answer(exc.kind), None)
@@ -296,8 +297,9 @@ class Shadow:
         started = time.monotonic()
         try:
             sent, extra = self.copy_headers(live.config, headers, backend)
-            response = await send(live.mirror_pools[backend], method, path_qs, sent, body,
-                                  extra)
+            pool = live.mirror_pools[backend]
+            response = await pool.client.request(method, pool.prefix + path_qs, sent, body,
+                                                 extra)
         except UpstreamError as exc:
             return no_answer(exc.kind, (time.monotonic() - started) * 1000), None
         tee = tee_for(response.headers, telemetry, True, self)
@@ -331,7 +333,7 @@ class Shadow:
 
 
 class MirrorSink:
-    """A mirror's answer, measured as h1 parses it (upstream.fire): no task per mirror."""
+    """A mirror's answer, measured as h1 parses it (Client.fire): no task per mirror."""
 
     __slots__ = ("body", "first_byte", "headers", "method", "pairing", "path_qs", "shadow",
                  "started", "tee")

@@ -1,6 +1,6 @@
 """The transport seam: what the data path needs of an HTTP/1.1 client, and the one error it
-raises. The server and the shadow speak to backends only through this (via proxy.datapath.upstream);
-they never import an implementation.
+raises. The server and the shadow speak to backends only through this (a Client, made for each
+backend's pool by proxy.datapath.upstream); they never import an implementation.
 
 Implementations: proxy.datapath.h1 (the lean client, the default) and
 proxy.datapath.aiohttp_transport (aiohttp's client, to compare: `serve --transport aiohttp`).
@@ -37,6 +37,12 @@ class UpstreamError(Exception):
     def status(self) -> int:
         return self.STATUS.get(self.kind, 502)
 
+    def named(self, backend: str) -> UpstreamError:
+        """This error as the client is told it: which backend failed (raised by a Client)."""
+        if self.kind == "timeout":
+            return type(self)("timeout", f"no answer from {backend}: {self.detail}")
+        return type(self)(self.kind, f"{backend}: {self.detail}")
+
     @property
     def sent(self) -> bool:
         """Whether the backend may have received the request (so a retry may repeat it)."""
@@ -45,7 +51,8 @@ class UpstreamError(Exception):
 
 class Answer(Protocol):
     """An answer whose head has arrived; the body is read with take(), read() or
-    next_chunk() (UpstreamError if it cannot finish), then released or closed."""
+    next_chunk() (UpstreamError if it cannot finish), then released or closed. A body that
+    take() returns needs neither: the answer is done with."""
 
     @property
     def status(self) -> int: ...
@@ -91,7 +98,11 @@ class Meter(Protocol):
 
 
 class Client(Protocol):
-    """One backend's connections for one purpose (the clients' traffic, or mirrors)."""
+    """One backend's connections for one purpose (the clients' traffic, or mirrors).
+
+    Rules: an error leaves request() and fire() named for the backend (UpstreamError.named);
+    a target that is not a path (origin-form) is refused as bad_request, so no request can
+    name another host."""
 
     closed: bool
     max_head_bytes: int
@@ -112,8 +123,8 @@ class Transport(Protocol):
 
     name: str
 
-    def client(self, host: str, port: int, *, tls: ssl.SSLContext | None, limit: int,
-               connect_timeout_s: float, timeout_s: float, max_head_bytes: int,
+    def client(self, host: str, port: int, *, name: str, tls: ssl.SSLContext | None,
+               limit: int, connect_timeout_s: float, timeout_s: float, max_head_bytes: int,
                meter: Meter | None = None) -> Client:
         """`meter`, for the mirrors' clients: charged with the time each read takes (an
         implementation that cannot time its reads ignores it: aiohttp's, whose mirrors are

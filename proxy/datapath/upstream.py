@@ -1,9 +1,9 @@
-"""Backend connection pools and the upstream half of forwarding, over a Transport
-(proxy/datapath/transport.py): h1 by default.
+"""Backend connection pools over a Transport (proxy/datapath/transport.py): h1 by default.
+A request goes to `pool.client` (the seam) at `pool.prefix + path_qs`.
 
 Rules (PITFALLS.md): no decompression (bytes pass unchanged), no cookie jar (the pool is
-shared by every user), no auto headers, no redirects followed; the client's errors become
-UpstreamError at this boundary, with the status the client should get.
+shared by every user), no auto headers, no redirects followed; a client's errors are
+UpstreamError named for the backend, with the status the client should get.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ import ssl
 from dataclasses import dataclass
 
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config.model import BackendConfig
 from proxy.datapath import h1
-from proxy.datapath.transport import Answer, Client, Meter, Sink, Transport, UpstreamError
+from proxy.datapath.transport import Client, Meter, Transport, UpstreamError
 
-__all__ = ["H1", "Pool", "UpstreamError", "fire", "make_pool", "read_error", "send",
-           "transport_named"]
+__all__ = ["H1", "Pool", "UpstreamError", "make_pool", "read_error", "transport_named"]
 
 SKIP_AUTO = frozenset({"Accept-Encoding", "User-Agent", "Content-Type"})
 
@@ -30,11 +28,12 @@ class H1Transport:
 
     name = "h1"
 
-    def client(self, host: str, port: int, *, tls: ssl.SSLContext | None, limit: int,
-               connect_timeout_s: float, timeout_s: float, max_head_bytes: int,
+    def client(self, host: str, port: int, *, name: str, tls: ssl.SSLContext | None,
+               limit: int, connect_timeout_s: float, timeout_s: float, max_head_bytes: int,
                meter: Meter | None = None) -> h1.Pool:
-        return h1.Pool(host, port, tls=tls, limit=limit, connect_timeout_s=connect_timeout_s,
-                       timeout_s=timeout_s, max_head_bytes=max_head_bytes, meter=meter)
+        return h1.Pool(host, port, name=name, tls=tls, limit=limit,
+                       connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
+                       max_head_bytes=max_head_bytes, meter=meter)
 
 
 H1 = H1Transport()
@@ -51,8 +50,8 @@ def transport_named(name: str) -> Transport:
 @dataclass(slots=True)
 class Pool:
     """One backend's connections for one purpose (primary traffic or mirrors). HTTP goes
-    through the transport (h1 by default); a WebSocket through aiohttp's, made on first
-    use."""
+    through its transport's client, sent to `prefix + path_qs` (h1 by default); a WebSocket
+    through aiohttp's, made on first use."""
 
     backend: BackendConfig
     client: Client
@@ -88,43 +87,11 @@ def make_pool(backend: BackendConfig, *, timeout_s: float | None = None,
     url = URL(backend.url)
     tls = ssl.create_default_context() if url.scheme == "https" else None
     client = transport.client(url.host or "127.0.0.1", url.port or (443 if tls else 80),
-                              tls=tls, limit=limit or backend.max_connections,
+                              name=backend.name, tls=tls, limit=limit or backend.max_connections,
                               connect_timeout_s=backend.connect_timeout_s,
                               timeout_s=timeout_s, max_head_bytes=max_head_bytes,
                               meter=meter)
     return Pool(backend, client, timeout_s, url.raw_path.rstrip("/"))
-
-
-async def send(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
-               body: bytes | None, extra: tuple[tuple[str, str], ...] = ()) -> Answer:
-    """Send a request and wait for the answer's head, within the backend's timeout."""
-    try:
-        return await pool.client.request(method, target(pool, path_qs), headers, body, extra)
-    except UpstreamError as exc:
-        raise upstream_error(exc, pool.backend.name) from exc
-
-
-def fire(pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None,
-         sink: Sink, extra: tuple[tuple[str, str], ...] = ()) -> bool:
-    """Send on an idle connection, the answer going to `sink` as it is parsed (h1.Pool.fire);
-    False when none is idle (then use send())."""
-    try:
-        return pool.client.fire(method, target(pool, path_qs), headers, body, sink, extra)
-    except UpstreamError as exc:
-        raise upstream_error(exc, pool.backend.name) from exc
-
-
-def target(pool: Pool, path_qs: str) -> str:
-    """The request target on this backend (its URL's path prefix first)."""
-    if not path_qs.startswith("/"):  # never let a target name another host
-        raise UpstreamError("bad_request", f"refused request target {path_qs[:50]!r}")
-    return pool.prefix + path_qs
-
-
-def upstream_error(exc: UpstreamError, backend: str) -> UpstreamError:
-    if exc.kind == "timeout":
-        return UpstreamError("timeout", f"no answer from {backend}: {exc.detail}")
-    return UpstreamError(exc.kind, f"{backend}: {exc.detail}")
 
 
 def read_error(exc: UpstreamError, backend: str) -> UpstreamError:

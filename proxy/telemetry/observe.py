@@ -50,6 +50,17 @@ def measure_tee(status: int | None, headers: Mapping[str, str], tee: Tee, *, sta
                    error=error, backend=backend), document
 
 
+def measure_body(status: int, headers: Mapping[str, str], body: bytes, *, started: float,
+                 ended: float, telemetry: TelemetryConfig, compare: bool,
+                 backend: str | None = None) -> tuple[Measurement, Any]:
+    """measure_tee() for an answer whose body came whole with its head (its first byte then
+    is its last), and the parsed document when `compare` asks for it."""
+    tee = tee_for(headers, telemetry, compare)
+    tee.feed(body)
+    return measure_tee(status, headers, tee, started=started, first_byte=ended, ended=ended,
+                       telemetry=telemetry, backend=backend)
+
+
 def no_answer(kind: str, time_ms: float = 0.0) -> Measurement:
     """A request that got no complete answer: `kind` says why (connect_error, timeout, ...)."""
     return Measurement(None, time_ms, None, 0, None, False, None, kind)
