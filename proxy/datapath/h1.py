@@ -149,6 +149,7 @@ class Pool:
         if conn is None:
             return False
         conn.start(head, body, method == "HEAD", sink, method in IDEMPOTENT)
+        self.watch(conn)  # its timeout: one sweep for all fired connections
         return True
 
     def watch(self, conn: Connection) -> None:

@@ -436,8 +436,7 @@ class Connection(asyncio.Protocol):
         """Send, and hand the answer to `sink` as it is parsed (Pool.fire)."""
         self.sink, self.idempotent = sink, idempotent
         self.begin(head, body, head_only)
-        self.last_data = self.pool.clock()
-        self.pool.watch(self)
+        self.last_data = self.pool.clock()  # Pool.fire then watches it for timeout_s
 
     def expire(self) -> None:
         """Pool.sweep found this sink's answer quiet for timeout_s."""
