@@ -46,18 +46,40 @@ def throughput_checks(rows: list[Summary]) -> list[checks.Check]:
         checks.at_most("added p50 at 1 connection, progressive over direct", added, 0.30, " ms"),
         checks.info("progressive over h1 / over aiohttp's client (req/s)",
                     checks.ratio(rps("progressive"), rps("progressive-aiohttp"))),
+        *before_checks(rps),
     ]
+
+
+def before_checks(rps: Callable[[str], float | None]) -> list[checks.Check]:
+    """With --before: both ratios for the other revision, from the same rounds (the same
+    minimal proxy), and how far this revision's fell from them (the bound: 3 %)."""
+    if rps("progressive@before") is None:
+        return []
+    found = []
+    for top, bottom in (("progressive", "minimal"), ("shadow", "progressive")):
+        title = f"{top} / {bottom}"
+        now = checks.ratio(rps(top), rps(bottom))
+        then = checks.ratio(rps(f"{top}@before"),
+                            rps(bottom if bottom == "minimal" else f"{bottom}@before"))
+        found.append(checks.info(f"{title}, the --before revision", then))
+        fall = None if now is None or then is None else (then - now) / then * 100
+        found.append(checks.at_most(f"{title}: fall from the --before revision", fall, 3.0,
+                                    " %"))
+    return found
 
 
 async def _targets(children: procs.Children, wanted: set[str], workdir: Path,
                    skipped: targets.Skipped, nginx: bool,
-                   overrides: list[tuple[str, Any]]) -> list[targets.Target]:
+                   overrides: list[tuple[str, Any]],
+                   before: Path | None = None) -> list[targets.Target]:
     legacy = await targets.backend(children, "backend-legacy", nginx=nginx)
     next_gen = await targets.backend(children, "backend-next_gen", nginx=nginx)
     found = [targets.Target("direct", legacy.url, (), f"{legacy.note}, no proxy")]
     if wanted & {"legacy", "shadow", "progressive", "progressive-aiohttp"}:
         found += await targets.rollout_phases(children, legacy, next_gen, workdir, skipped,
-                                              tuple(overrides))
+                                              tuple(overrides), before)
+        if before is not None:
+            wanted = wanted | {"shadow@before", "progressive@before"}
     if wanted & {"nginx", "haproxy", "minimal"}:
         found += await targets.references(children, legacy, workdir, skipped)
     return [t for t in found if t.name in wanted]
@@ -67,7 +89,8 @@ async def throughput(args: argparse.Namespace, plan: Plan, workdir: Path) -> Rep
     skipped = targets.Skipped()
     nginx = reference.nginx_available() and not args.no_nginx_backend
     async with procs.Children(workdir / "logs") as children:
-        found = await _targets(children, set(args.targets), workdir, skipped, nginx, args.set)
+        found = await _targets(children, set(args.targets), workdir, skipped, nginx, args.set,
+                               args.before)
         results = await run_rounds(found, plan, workdir)
     rows = summarise(found, results)
     verdicts = throughput_checks(rows)
@@ -112,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="KEY.PATH=VALUE",
                         help="override a key of the generated rollout-proxy config, e.g. "
                         "backends.legacy.max_connections=10000 (repeatable)")
+    parser.add_argument("--before", type=Path, metavar="DIR",
+                        help="a checkout of another revision (git worktree add DIR REV): its "
+                        "shadow and progressive run in the same rounds, and the checks say "
+                        "how far each ratio fell")
     parser.add_argument("--python-client", action="store_true",
                         help="use load.loadgen even when wrk is installed")
     parser.add_argument("--no-nginx-backend", action="store_true",

@@ -90,7 +90,9 @@ async def start(name: str, argv: list[str], logdir: Path, *, cpu: int | None = N
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **(extra or {})}
-    paths = [REPO_ROOT, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    own = (extra or {}).get("PYTHONPATH", "")  # first: a child run from another checkout
+    paths = [*filter(None, own.split(os.pathsep)), REPO_ROOT,
+             *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class Setup:
     shadow_timeout_s: float = 60.0
     overrides: tuple[tuple[str, Any], ...] = ()  # (dotted.key.path, value), applied last
     transport: str = "h1"  # serve --transport: the client that speaks to the backends
+    tree: Path | None = None  # a checkout of another revision to run instead (bench --before)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,22 @@ def executable() -> str | None:
     """The rollout-proxy next to this interpreter, else on PATH."""
     beside = Path(sys.executable).with_name("rollout-proxy")
     return str(beside) if beside.exists() else shutil.which("rollout-proxy")
+
+
+def command(setup: Setup) -> tuple[list[str], dict[str, str]]:
+    """How to run `rollout-proxy`: this checkout's, or `setup.tree`'s (its own entry point,
+    from its pyproject.toml, run with this interpreter and its checkout first on the path)."""
+    if setup.tree is None:
+        binary = executable()
+        if binary is None:
+            raise FileNotFoundError("rollout-proxy is not installed (pip install -e .)")
+        return [binary], {}
+    project = tomllib.loads((setup.tree / "pyproject.toml").read_text())
+    module, _, function = project["project"]["scripts"]["rollout-proxy"].partition(":")
+    tree = str(setup.tree.resolve())  # before the working directory, which `-c` puts first
+    launch = (f"import sys; sys.path.insert(0, {tree!r}); from {module} import {function}; "
+              f"sys.exit({function}())")
+    return [sys.executable, "-c", launch], {"PYTHONPATH": tree}
 
 
 def config(setup: Setup, listen: int, admin: int, workdir: Path) -> dict[str, Any]:
@@ -101,13 +119,13 @@ def write_config(setup: Setup, workdir: Path) -> tuple[Path, int, int]:
 
 async def start(children: Children, name: str, setup: Setup, workdir: Path, *,
                 cpu: int | None = 0, ready_timeout_s: float = 30.0) -> Running:
-    binary = executable()
-    if binary is None:
-        raise FileNotFoundError("rollout-proxy is not installed (pip install -e .)")
+    argv, env = command(setup)
     path, listen, admin = write_config(setup, workdir / name)
-    env = {"ROLLOUT_ADMIN_TOKEN": secrets.token_hex(16)}
-    child = await children.start(name, [binary, "serve", "--config", str(path),
-                                         "--transport", setup.transport], cpu=cpu, env=env)
+    env["ROLLOUT_ADMIN_TOKEN"] = secrets.token_hex(16)
+    argv += ["serve", "--config", str(path)]
+    if setup.transport != "h1":  # the default; a revision from before the flag lacks it
+        argv += ["--transport", setup.transport]
+    child = await children.start(name, argv, cpu=cpu, env=env)
     admin_url = f"http://127.0.0.1:{admin}"
     try:
         await wait_http(child, f"{admin_url}/readyz", ready_timeout_s)

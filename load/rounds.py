@@ -72,10 +72,10 @@ async def _measure_one(target: Target, plan: Plan, runs: Runs, workdir: Path) ->
                                    use_wrk=plan.use_wrk)
             runs.single.append(single)
             line += f"  1-conn p50 {single.p50_ms:.3f} ms"
-        say(f"  {target.name:<12} {line}")
+        say(f"  {target.name:<19} {line}")
     except (RuntimeError, ValueError, TimeoutError, OSError) as exc:
         runs.failures.append(str(exc))
-        say(f"  {target.name:<12} FAILED: {str(exc)[:300]}")
+        say(f"  {target.name:<19} FAILED: {str(exc)[:300]}")
 
 
 async def run_rounds(targets: list[Target], plan: Plan, workdir: Path) -> dict[str, Runs]:

@@ -4,7 +4,7 @@ rollout-proxy in a phase, each started as a pinned child and described by a Targ
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,8 @@ async def rollout_proxy(children: Children, name: str, setup: rollout.Setup,
                         workdir: Path) -> Target:
     running = await rollout.start(children, name, setup, workdir, cpu=PROXY_CPU)
     note = f"rollout-proxy {setup.phase}"
+    if setup.tree is not None:
+        note += f" from {setup.tree}"
     if setup.transport != "h1":
         note += f" (--transport {setup.transport})"
     if setup.phase == "progressive":
@@ -115,8 +117,10 @@ async def references(children: Children, upstream: Target, workdir: Path,
 
 
 async def rollout_phases(children: Children, legacy: Target, next_gen: Target, workdir: Path,
-                         skipped: Skipped, overrides: Overrides = ()) -> list[Target]:
-    """rollout-proxy in legacy, shadow (sample 1.0) and progressive (50 %)."""
+                         skipped: Skipped, overrides: Overrides = (),
+                         before: Path | None = None) -> list[Target]:
+    """rollout-proxy in legacy, shadow (sample 1.0) and progressive (50 %); with `before` (a
+    checkout of another revision), its shadow and progressive too, as NAME@before."""
     urls = (legacy.url, next_gen.url)
     setups = {
         "legacy": rollout.Setup("legacy", *urls, overrides=overrides),
@@ -125,6 +129,9 @@ async def rollout_phases(children: Children, legacy: Target, next_gen: Target, w
         "progressive-aiohttp": rollout.Setup("progressive", *urls, percentage=50,
                                              overrides=overrides, transport="aiohttp"),
     }
+    if before is not None:
+        for name in ("shadow", "progressive"):
+            setups[f"{name}@before"] = replace(setups[name], tree=before)
     found = []
     for name, setup in setups.items():
         try:

@@ -134,3 +134,21 @@ async def test_hostile_backend_answers_the_four_kinds_in_turn() -> None:
     assert drip.endswith(b"Content-Length: 10\r\n\r\n*")
     assert reset == b"HTTP/1.1 200 OK\r\nContent-Type: appl" or reset == b""
     assert dict(cycle.served) == dict.fromkeys(hostile.KINDS, 1)
+
+
+async def test_bench_before_runs_the_other_checkouts_own_entry_point(
+        children: Children, tmp_path: Path) -> None:
+    # `bench --before DIR`: the other revision's code runs, not this checkout's `proxy`.
+    tree = tmp_path / "other"
+    (tree / "proxy").mkdir(parents=True)
+    (tree / "pyproject.toml").write_text(
+        '[project]\nname = "x"\n[project.scripts]\nrollout-proxy = "proxy.old_cli:main"\n')
+    (tree / "proxy" / "__init__.py").write_text("")
+    (tree / "proxy" / "old_cli.py").write_text(
+        "import sys\nimport proxy\n\ndef main():\n"
+        "    print('ran', proxy.__file__, *sys.argv[1:])\n    return 0\n")
+    argv, env = rollout.command(rollout.Setup("legacy", "a", "b", tree=tree))
+    child = await children.start("other", [*argv, "serve"], env=env)
+    async with asyncio.timeout(30):
+        assert await child.process.wait() == 0
+    assert child.log.read_text().split() == ["ran", str(tree / "proxy" / "__init__.py"), "serve"]
