@@ -195,7 +195,7 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
     runtime = Runtime(config, metrics=metrics, store=store, users=load_users(config, client),
                       pins=pins, capture=capture, transport=transport, mirror_share=share,
                       **clocks)
-    share.contended = lambda: runtime.in_flight > 0  # the share binds while clients wait
+    share.clients = runtime  # the share binds while clients wait
     trace = None
     if config.telemetry.trace_file is not None:
         trace = TraceWriter(config.telemetry.trace_file, max_bytes=config.telemetry.trace_max_bytes,

@@ -40,6 +40,7 @@ class Recorder:
         self.chunks: list[bytes] = []
         self.dones: list[Done] = []
         self.faults: list[str] = []
+        self.taken = b""  # a body that came whole in one read: done() takes it
         self.changed = asyncio.Event()
 
     def _seen(self, what: str) -> None:
@@ -62,12 +63,14 @@ class Recorder:
 
     def done(self, response: h1.Response | None, error: h1.WireError | None,
              retry: bool) -> None:
+        if response is not None and error is None:
+            self.taken = response.take() or b""
         self._seen("done")
         self.dones.append((response, error, retry))
 
     @property
     def body(self) -> bytes:
-        return b"".join(self.chunks)
+        return b"".join(self.chunks) + self.taken
 
     async def wait(self, holds: Callable[[], object], within: float = 2.0) -> None:
         """Wait until `holds()`, woken by every callback the sink hears."""
@@ -162,6 +165,22 @@ async def silent_after_warm(peer: Peer) -> None:
 
 
 # A whole answer ----------------------------------------------------------------------------
+
+
+async def test_an_answer_whole_in_one_read_is_taken_at_done_not_chunked(
+        raw: Start, pools: MakePool) -> None:
+    # Most mirrors' answers: head and body in one read; the sink hears head, then done.
+    backend = await raw(serve_after_warm(answer(b'{"ok": true}', "Content-Type: application/json")))
+    pool = pools(backend.port)
+    conn = await idle_connection(pool)
+    sink = Recorder()
+    fire(pool, sink)
+    response, error, retry = await sink.ended()
+    assert (error, retry) == (None, False) and response is sink.heads[0]
+    assert sink.events == ["head", "done"] and sink.chunks == []
+    assert sink.taken == b'{"ok": true}'
+    assert pool.idle == [conn]  # back in the pool before the sink heard done
+    sink.once()
 
 
 async def test_content_length_answer_reaches_the_sink_and_the_connection_serves_again(
@@ -814,7 +833,9 @@ async def test_sink_whose_done_raises_leaves_the_pool_working(
 @pytest.mark.parametrize("where", ["head", "chunk"])
 async def test_sink_raising_mid_answer_hears_done_once_and_the_connection_is_dropped(
         raw: Start, pools: MakePool, where: str) -> None:
-    backend = await raw(serve_after_warm(answer(b"body")))
+    # An answer still streaming (a body that ends in its first read is never chunked).
+    streaming = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n"
+    backend = await raw(serve_after_warm(streaming))
     pool = pools(backend.port)
     conn = await idle_connection(pool)
     sink = Failing(where)

@@ -57,7 +57,7 @@ class Response:
 
     __slots__ = ("_buffered", "_chunks", "_conn", "_paused", "_waiter", "content_length",
                  "done", "error", "headers", "keep_alive", "reason", "sink", "status",
-                 "timeout_s")
+                 "streamed", "timeout_s")
 
     def __init__(self, conn: Connection, status: int, reason: str | None,
                  headers: CIMultiDictProxy[str], timeout_s: float) -> None:
@@ -74,11 +74,17 @@ class Response:
         self.keep_alive = False
         self.error: WireError | None = None
         self.sink: Sink | None = None  # set by Pool.fire: the body goes there, not to a reader
+        self.streamed = False  # a piece of the body went to the sink (else done() takes it)
 
     # Fed by the connection -----------------------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes, last: bool = False) -> None:
+        """A piece of the body; `last`: the answer ends with it."""
         if self.sink is not None:
+            if last and not self.streamed:  # whole in one read: the sink takes it at done
+                self._chunks.append(data)
+                return
+            self.streamed = True
             if self._conn is not None:
                 self._conn.last_data = self._conn.pool.clock()
             self.sink.chunk(data)
@@ -381,18 +387,19 @@ class Connection(asyncio.Protocol):
         if self.expecting and self.response is not None and not self.response.done:
             self.pieces.append(body)
 
-    def deliver(self) -> None:
-        """The body pieces parsed so far go to the Response, joined (rule 8)."""
+    def deliver(self, last: bool = False) -> None:
+        """The body pieces parsed so far go to the Response, joined (rule 8); `last`: the
+        answer ends with them."""
         pieces, response = self.pieces, self.response
         if not pieces:
             return
         self.pieces = []
         if response is not None and not response.done:
-            response.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            response.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces), last)
 
     def on_message_complete(self) -> None:
         if self.pieces:
-            self.deliver()
+            self.deliver(last=True)
         if (not self.expecting or self.informational or self.response is None
                 or self.response.done):
             return

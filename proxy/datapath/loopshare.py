@@ -11,14 +11,15 @@ Rules:
    whose read takes it past -BURST_S is cut (its connection closed, counted as "overload",
    never recorded as next_gen's error or compared). So mirrors take at most `share` of the
    loop on average, and at most about 2 x BURST_S more in any stretch.
-3. The share binds only while clients wait (`contended`: a client request is in flight);
-   with none, mirrors may use the loop freely and nothing is charged.
+3. The share binds only while clients wait (`clients.in_flight`: a client request is in
+   flight); with none, mirrors may use the loop freely and nothing is charged.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 BURST_S = 0.01  # credit saved while mirrors are idle, and the debt that cuts a mirror
 # The loop's own part of one read: uvloop's (epoll, recv, the bytes, the call) is some 5 us
@@ -29,13 +30,25 @@ READ_S = 15e-6
 CONNECT_S = 50e-6  # a new connection: connect, its epoll registration, and its close
 
 
+class Clients(Protocol):
+    """Who the share makes room for (rule 3): the runtime, counting client requests."""
+
+    in_flight: int
+
+
+class Waiting:
+    """Clients always waiting: the share always binds (what a LoopShare starts with)."""
+
+    in_flight = 1
+
+
 class LoopShare:
-    __slots__ = ("clock", "contended", "credit", "last", "share")
+    __slots__ = ("clients", "clock", "credit", "last", "share")
 
     def __init__(self, share: float, clock: Callable[[], float] = time.perf_counter,
-                 contended: Callable[[], bool] = lambda: True) -> None:
+                 clients: Clients | None = None) -> None:
         self.share, self.clock = share, clock
-        self.contended = contended  # rule 3; build() makes it "a client request is in flight"
+        self.clients: Clients = clients or Waiting()  # rule 3; build() gives the runtime
         self.credit = BURST_S
         self.last = clock()
 
@@ -53,18 +66,18 @@ class LoopShare:
     def charge(self, seconds: float) -> bool:
         """Charge work on a mirror's answer done outside a read (a mirror task measuring
         what it was handed); False when that mirror must be cut."""
-        if not self.contended():
+        if not self.clients.in_flight:
             return True
         self.credit = credit = self._refill() - seconds
         return credit > -BURST_S or self.share >= 1.0
 
     def connected(self) -> None:
         """Charge a connection made for a mirror (each endless head or reset costs one)."""
-        if self.contended():
+        if self.clients.in_flight:
             self.credit = self._refill() - CONNECT_S
 
     @property
     def spent(self) -> bool:
         """Whether a new mirror must wait for credit (it is refused, not queued)."""
         self.credit = credit = self._refill()
-        return credit <= 0.0 and self.share < 1.0 and self.contended()
+        return credit <= 0.0 and self.share < 1.0 and self.clients.in_flight > 0

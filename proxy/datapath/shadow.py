@@ -46,7 +46,14 @@ from proxy.datapath.upstream import UpstreamError, read_error
 from proxy.tasks import Tasks
 from proxy.telemetry.compare import Noise, compare
 from proxy.telemetry.metrics import Metrics
-from proxy.telemetry.observe import Measurement, Tee, measure_tee, no_answer, tee_for
+from proxy.telemetry.observe import (
+    Measurement,
+    Tee,
+    measure_body,
+    measure_tee,
+    no_answer,
+    tee_for,
+)
 from proxy.telemetry.record import TraceRecord
 from proxy.telemetry.trace import TraceWriter
 
@@ -335,8 +342,8 @@ class Shadow:
 class MirrorSink:
     """A mirror's answer, measured as h1 parses it (Client.fire): no task per mirror."""
 
-    __slots__ = ("body", "first_byte", "headers", "method", "pairing", "path_qs", "shadow",
-                 "started", "tee")
+    __slots__ = ("body", "first_byte", "headers", "method", "pairing", "path_qs", "response",
+                 "shadow", "started", "tee")
 
     def __init__(self, shadow: Shadow, pairing: Pairing, method: str, path_qs: str,
                  headers: CIMultiDict[str], body: bytes | None) -> None:
@@ -344,17 +351,20 @@ class MirrorSink:
         self.method, self.path_qs, self.headers, self.body = method, path_qs, headers, body
         self.started = time.monotonic()
         self.first_byte: float | None = None
+        self.response: Answer | None = None
         self.tee: Tee | None = None
 
     def head(self, response: Answer) -> None:
-        self.tee = tee_for(response.headers, self.pairing.live.config.telemetry, True,
-                           self.shadow)
+        self.response = response  # its body streams to chunk(), or done() takes it whole
 
     def chunk(self, data: bytes) -> None:
-        if self.first_byte is None:
+        tee = self.tee
+        if tee is None:
             self.first_byte = time.monotonic()
-        if self.tee is not None:
-            self.tee.feed(data)
+            assert self.response is not None
+            self.tee = tee = tee_for(self.response.headers,
+                                     self.pairing.live.config.telemetry, True, self.shadow)
+        tee.feed(data)
 
     def done(self, response: Answer | None, error: UpstreamError | None,
              retry: bool) -> None:
@@ -370,10 +380,21 @@ class MirrorSink:
                                           pairing), name="mirror")
             return
         ended = time.monotonic()
-        if response is None or self.tee is None:  # no head: h1 always says why
+        if response is None:  # no head: h1 always says why
             assert error is not None
             shadow.ended(pairing, no_answer(error.kind, (ended - self.started) * 1000), None)
             return
+        telemetry = pairing.live.config.telemetry
+        if self.tee is None and error is None:  # the body came whole, in one read
+            # Measured at once from the bytes at hand: none are kept past this call, so
+            # none are taken from max_held_bytes (a parked document is, in ended()).
+            shadow.ended(pairing, *measure_body(
+                response.status, response.headers, response.take() or b"",
+                started=self.started, ended=ended, telemetry=telemetry, compare=True,
+                backend="next_gen"))
+            return
+        if self.tee is None:  # failed before any of its body came
+            self.tee = tee_for(response.headers, telemetry, True)
         seen, document = measure_tee(
             response.status, response.headers, self.tee, started=self.started,
             first_byte=self.first_byte, ended=ended,

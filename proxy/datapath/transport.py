@@ -78,7 +78,9 @@ class Answer(Protocol):
 
 
 class Sink(Protocol):
-    """Takes an answer as it is parsed (Client.fire): no task per request."""
+    """Takes an answer as it is parsed (Client.fire): no task per request. head() comes
+    first; chunk() gives the body as it arrives, except a body that arrived whole in one
+    read: then done() finds it in response.take()."""
 
     def head(self, response: Answer) -> None: ...
 
