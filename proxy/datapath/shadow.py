@@ -14,7 +14,8 @@ Rules:
 7. A mirror holds its in-flight slot while next_gen answers, not while legacy does: the
    comparison is made by whichever of the two answers ends second (Pairing).
 8. What mirrors keep to compare is bounded in all by shadow.max_held_bytes: the bodies they
-   are reading (a Tee's copy, or an event stream's open line and event) and what the first of
+   are reading (a Tee's copy, or an event stream's open line and event; a body that came
+   whole in one read is measured at once and keeps nothing) and what the first of
    the two answers parks for the comparison (its parsed JSON, counted as the body bytes it
    came from, at most telemetry.json_max_bytes). Past it that comparison is dropped
    ("held_bytes"); its answers are still measured. A mirror done before a slow legacy is not
