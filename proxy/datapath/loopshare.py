@@ -52,32 +52,35 @@ class LoopShare:
         self.credit = BURST_S
         self.last = clock()
 
-    def _refill(self) -> float:
-        now = self.clock()
-        credit = min(BURST_S, self.credit + (now - self.last) * self.share)
-        self.last = now
-        return credit
+    # The refill (credit grows by `share` per second since `last`, up to BURST_S) is written
+    # out in each method: they run on every read of every mirror's answer.
 
     def spend(self, seconds: float) -> bool:
         """Charge one read whose Python took `seconds`; False when the mirror that made it
         must be cut."""
-        return self.charge(seconds + READ_S)
+        if not self.clients.in_flight:
+            return True
+        now = self.clock()
+        credit = self.credit + (now - self.last) * self.share
+        self.last = now
+        self.credit = credit = (BURST_S if credit > BURST_S else credit) - seconds - READ_S
+        return credit > -BURST_S or self.share >= 1.0
 
     def charge(self, seconds: float) -> bool:
         """Charge work on a mirror's answer done outside a read (a mirror task measuring
         what it was handed); False when that mirror must be cut."""
-        if not self.clients.in_flight:
-            return True
-        self.credit = credit = self._refill() - seconds
-        return credit > -BURST_S or self.share >= 1.0
+        return self.spend(seconds - READ_S)
 
     def connected(self) -> None:
         """Charge a connection made for a mirror (each endless head or reset costs one)."""
         if self.clients.in_flight:
-            self.credit = self._refill() - CONNECT_S
+            self.spend(CONNECT_S - READ_S)
 
     @property
     def spent(self) -> bool:
         """Whether a new mirror must wait for credit (it is refused, not queued)."""
-        self.credit = credit = self._refill()
+        now = self.clock()
+        credit = self.credit + (now - self.last) * self.share
+        self.last = now
+        self.credit = credit = BURST_S if credit > BURST_S else credit
         return credit <= 0.0 and self.share < 1.0 and self.clients.in_flight > 0

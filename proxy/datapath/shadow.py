@@ -183,7 +183,10 @@ class Shadow:
             self.conclude(pairing)
 
     def mirrored(self, pairing: Pairing, answers: Sequence[tuple[Measurement, Any]]) -> None:
-        if any(seen.error == "shed" for seen, _ in answers):  # rule 9: not next_gen's doing
+        shed = starved = False  # a loop, not any(): this runs for every mirror
+        for seen, document in answers:
+            shed, starved = shed or seen.error == "shed", starved or document is STARVED
+        if shed:  # rule 9: not next_gen's doing
             self.metrics.shadow_dropped.labels("overload").inc()
             pairing.answers = DROPPED
             return
@@ -191,7 +194,7 @@ class Shadow:
         self.metrics.measured("next_gen", "shadow", seen)
         self.record("next_gen", seen)
         self.budget.spend(seen.tokens, seen.cost_usd)
-        if any(document is STARVED for _, document in answers):
+        if starved:
             self.metrics.shadow_dropped.labels("held_bytes").inc()
             answers = DROPPED
         elif pairing.primary is WAITING and not self.park(pairing, answers):
