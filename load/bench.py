@@ -46,16 +46,20 @@ def throughput_checks(rows: list[Summary]) -> list[checks.Check]:
         checks.at_most("added p50 at 1 connection, progressive over direct", added, 0.30, " ms"),
         checks.info("progressive over h1 / over aiohttp's client (req/s)",
                     checks.ratio(rps("progressive"), rps("progressive-aiohttp"))),
-        *before_checks(rps),
+        *before_checks(rps, lambda name: by[name].cpu_us if name in by else None),
     ]
 
 
-def before_checks(rps: Callable[[str], float | None]) -> list[checks.Check]:
+def before_checks(rps: Callable[[str], float | None],
+                  cpu: Callable[[str], float | None]) -> list[checks.Check]:
     """With --before: both ratios for the other revision, from the same rounds (the same
-    minimal proxy), and how far this revision's fell from them (the bound: 3 %)."""
+    minimal proxy), and how far this revision's fell from them (the bound: 3 %); and what
+    each proxy's CPU time per answer was against the other revision's (a quieter figure)."""
     if rps("progressive@before") is None:
         return []
-    found = []
+    found = [checks.info(f"{name}: CPU per answer, this / --before revision",
+                         checks.ratio(cpu(name), cpu(f"{name}@before")))
+             for name in ("progressive", "shadow")]
     for top, bottom in (("progressive", "minimal"), ("shadow", "progressive")):
         title = f"{top} / {bottom}"
         now = checks.ratio(rps(top), rps(bottom))

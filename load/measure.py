@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from load.loadgen import USER_IDS
-from load.memory import RssSampler
+from load.memory import RssSampler, cpu_s
 from load.procs import PYTHON, child_env, pinned
 
 WRK_MARK = "WRK_JSON "
@@ -67,6 +67,7 @@ class Measurement:
     max_ms: float
     error_kinds: dict[str, int] = field(default_factory=dict)
     peak_rss_mb: float | None = None
+    cpu_us: float | None = None  # the measured processes' CPU time per answer
 
     @property
     def answered_ok(self) -> int:
@@ -173,12 +174,18 @@ async def _run(argv: list[str], limit_s: float) -> str:
 
 async def measure(url: str, load: Load, *, workdir: Path, cpu: int | None = 1,
                   use_wrk: bool = True, pids: tuple[int, ...] = ()) -> Measurement:
-    """Drive `url` with `load`; peak RSS of `pids` (and children) sampled meanwhile."""
+    """Drive `url` with `load`; peak RSS of `pids` (and children) sampled meanwhile, and the
+    CPU time they took per answer (quieter than req/s on a shared machine: it does not
+    count the time another process held the core)."""
     limit_s = load.duration_s + load.timeout_s + 30
     argv, parse = _command(url, load, use_wrk, workdir)
+    used = cpu_s(pids) if pids else None
     async with RssSampler(pids, interval_s=0.5) as rss:
         output = await _run(pinned(argv, cpu), limit_s)
     result = parse(output)
-    if rss.peak_mb is None:
-        return result
-    return Measurement(**{**asdict(result), "peak_rss_mb": round(rss.peak_mb, 1)})
+    extra: dict[str, float] = {}
+    if used is not None and result.requests:
+        extra["cpu_us"] = round((cpu_s(pids) - used) / result.requests * 1e6, 1)
+    if rss.peak_mb is not None:
+        extra["peak_rss_mb"] = round(rss.peak_mb, 1)
+    return Measurement(**{**asdict(result), **extra}) if extra else result

@@ -55,6 +55,19 @@ def family(pids: Iterable[int]) -> set[int]:
     return found
 
 
+def cpu_s(pids: Iterable[int]) -> float:
+    """CPU seconds (user and system) the given processes and their descendants have used."""
+    total = 0
+    for pid in family(pids):
+        try:
+            stat = (PROC / str(pid) / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (stat(5) fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def total_rss_kb(pids: Iterable[int]) -> int:
     return sum(rss_kb(pid) for pid in family(pids))
 

@@ -44,6 +44,7 @@ class Summary:
     added_p50_ms: float | None
     errors: int
     peak_rss_mb: float | None
+    cpu_us: float | None = None  # the target's own CPU time per answer (median of rounds)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -106,6 +107,7 @@ def summarise(targets: list[Target], results: dict[str, Runs],
         rps = [m.rps for m in runs.busy]
         single = _median([m.p50_ms for m in runs.single])
         peaks = [m.peak_rss_mb for m in runs.busy if m.peak_rss_mb is not None]
+        cpu = _median([m.cpu_us for m in runs.busy if m.cpu_us is not None])
         summaries.append(Summary(
             target.name, target.note, statistics.median(rps), min(rps), max(rps),
             statistics.median(rps) / base_rps if base_rps else None,
@@ -114,7 +116,7 @@ def summarise(targets: list[Target], results: dict[str, Runs],
             single,
             single - base_single if single is not None and base_single is not None else None,
             sum(m.errors for m in runs.busy),
-            max(peaks) if peaks else None))
+            max(peaks) if peaks else None, cpu))
     return summaries
 
 
@@ -124,7 +126,8 @@ def _cell(value: float | None, spec: str) -> str:
 
 def format_table(summaries: list[Summary], baseline: str = "direct") -> str:
     head = (f"{'target':<19} {'req/s':>9} {'min–max':>15} {'×' + baseline:>9} {'p50 ms':>8} "
-            f"{'p99 ms':>8} {'1-conn p50':>10} {'added':>7} {'errors':>6} {'RSS MB':>7}  what")
+            f"{'p99 ms':>8} {'1-conn p50':>10} {'added':>7} {'errors':>6} {'RSS MB':>7} "
+            f"{'CPU us':>7}  what")
     rows = [head, "-" * len(head)]
     for s in summaries:
         spread = f"{s.rps_min:.0f}–{s.rps_max:.0f}"
@@ -132,5 +135,5 @@ def format_table(summaries: list[Summary], baseline: str = "direct") -> str:
             f"{s.name:<19} {s.rps:>9.0f} {spread:>15} {_cell(s.ratio, '.2f'):>9} "
             f"{s.p50_ms:>8.2f} {s.p99_ms:>8.2f} {_cell(s.single_p50_ms, '.3f'):>10} "
             f"{_cell(s.added_p50_ms, '+.3f'):>7} {s.errors:>6} {_cell(s.peak_rss_mb, '.0f'):>7}"
-            f"  {s.note}")
+            f" {_cell(s.cpu_us, '.1f'):>7}  {s.note}")
     return "\n".join(rows)
