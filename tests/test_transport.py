@@ -49,6 +49,16 @@ async def test_an_answer_passes_byte_for_byte_compressed_or_not(
     assert backends["legacy"].seen[0].path_qs == "/v1/tasks?x=1"
 
 
+async def test_the_backend_urls_own_path_goes_before_every_target(
+        tmp_path: Path, backends: dict[str, Backend], transport: Transport) -> None:
+    data = config_dict(backends["legacy"].url + "/base/", backends["next_gen"].url)
+    async with running(tmp_path, data, transport=transport) as proxy, \
+            aiohttp.ClientSession() as http, \
+            http.get(f"{proxy.url}/v1/tasks?x=1") as response:
+        assert response.status == 200
+    assert backends["legacy"].seen[0].path_qs == "/base/v1/tasks?x=1"
+
+
 async def test_a_backend_that_refuses_or_stalls_gets_a_json_502_or_504(
         tmp_path: Path, backends: dict[str, Backend], transport: Transport) -> None:
     async def stalled(request: web.Request) -> web.Response:

@@ -64,11 +64,12 @@ class AiohttpAnswer:
 
 
 class AiohttpClient:
-    def __init__(self, host: str, port: int, *, name: str, tls: ssl.SSLContext | None,
-                 limit: int, connect_timeout_s: float, timeout_s: float,
-                 max_head_bytes: int) -> None:
+    def __init__(self, host: str, port: int, *, name: str, prefix: str,
+                 tls: ssl.SSLContext | None, limit: int, connect_timeout_s: float,
+                 timeout_s: float, max_head_bytes: int) -> None:
         self.name = name  # the backend's, in the errors request() raises
         self.base = f"{'https' if tls else 'http'}://{host}:{port}"
+        self.prefix = prefix  # the backend URL's own path, put before every target
         self.tls, self.limit, self.max_head_bytes = tls, limit, max_head_bytes
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
                                              sock_read=timeout_s)
@@ -94,8 +95,8 @@ class AiohttpClient:
             sent.add(name, value)
         try:
             response = await self._session().request(
-                method, URL(self.base + target, encoded=True), headers=sent, data=body,
-                allow_redirects=False, compress=None, chunked=None)
+                method, URL(self.base + self.prefix + target, encoded=True), headers=sent,
+                data=body, allow_redirects=False, compress=None, chunked=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise upstream_error(exc, self.base).named(self.name) from exc
         return AiohttpAnswer(response, self.base)
@@ -114,10 +115,11 @@ class AiohttpClient:
 class AiohttpTransport:
     name = "aiohttp"
 
-    def client(self, host: str, port: int, *, name: str, tls: ssl.SSLContext | None,
-               limit: int, connect_timeout_s: float, timeout_s: float,
-               max_head_bytes: int, meter: Meter | None = None) -> AiohttpClient:
+    def client(self, host: str, port: int, *, name: str, prefix: str,
+               tls: ssl.SSLContext | None, limit: int, connect_timeout_s: float,
+               timeout_s: float, max_head_bytes: int,
+               meter: Meter | None = None) -> AiohttpClient:
         # meter: aiohttp reads in its own protocol, which cannot be timed from here
-        return AiohttpClient(host, port, name=name, tls=tls, limit=limit,
+        return AiohttpClient(host, port, name=name, prefix=prefix, tls=tls, limit=limit,
                              connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
                              max_head_bytes=max_head_bytes)

@@ -73,12 +73,14 @@ class Pool:
     """Keep-alive connections to one backend, at most `limit` open at once (0: no limit)."""
 
     def __init__(self, host: str, port: int, *, limit: int, connect_timeout_s: float,
-                 timeout_s: float, name: str = "", keepalive_s: float = 30.0,
+                 timeout_s: float, name: str = "", prefix: str = "",
+                 keepalive_s: float = 30.0,
                  tls: ssl.SSLContext | None = None,
                  max_head_bytes: int = MAX_HEAD_BYTES, meter: Meter | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.host, self.port, self.tls = host, port, tls
         self.name = name or host  # the backend's, in the errors request() and fire() raise
+        self.prefix = prefix  # the backend URL's own path, put before every target
         self.clock = clock  # every deadline and idle age is read from it
         self.meter = meter  # rule 9
         self.max_head_bytes = max_head_bytes  # rule 7; set again when the config changes
@@ -124,7 +126,7 @@ class Pool:
             raise WireError("bad_request", f"refused request target {target[:50]!r}")
         # A Host among the headers (a backend's configured headers) replaces the URL's.
         host = "" if "Host" in headers else f"Host: {self.host_header}\r\n"
-        lines = [f"{method} {target} HTTP/1.1\r\n{host}"]
+        lines = [f"{method} {self.prefix}{target} HTTP/1.1\r\n{host}"]
         lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
         if extra:
             lines += [f"{name}: {value}\r\n" for name, value in extra]

@@ -221,8 +221,8 @@ class Runtime:
             headers = CIMultiDict(headers)
             for name, value in extra:
                 headers[name] = value
-        pool = live.pools[backend]  # its client is the transport seam: errors come named
-        response = await pool.client.request(method, pool.prefix + path_qs, headers, body)
+        # The pool's client is the transport seam: errors come named for the backend.
+        response = await live.pools[backend].client.request(method, path_qs, headers, body)
         return Answer(backend, role, response, started)
 
     def failed(self, backend: str, role: str, exc: UpstreamError) -> None:

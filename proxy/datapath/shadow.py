@@ -164,8 +164,8 @@ class Shadow:
         try:
             live = pairing.live
             sent, extra = self.copy_headers(live.config, headers, "next_gen")
-            pool = live.mirror_pools["next_gen"]
-            if pool.client.fire(method, pool.prefix + path_qs, sent, body, sink, extra):
+            client = live.mirror_pools["next_gen"].client
+            if client.fire(method, path_qs, sent, body, sink, extra):
                 return
         except UpstreamError as exc:
             self.ended(pairing, no_answer(exc.kind), None)
@@ -308,9 +308,8 @@ class Shadow:
         started = time.monotonic()
         try:
             sent, extra = self.copy_headers(live.config, headers, backend)
-            pool = live.mirror_pools[backend]
-            response = await pool.client.request(method, pool.prefix + path_qs, sent, body,
-                                                 extra)
+            response = await live.mirror_pools[backend].client.request(
+                method, path_qs, sent, body, extra)
         except UpstreamError as exc:
             return no_answer(exc.kind, (time.monotonic() - started) * 1000), None
         tee = tee_for(response.headers, telemetry, True, self)

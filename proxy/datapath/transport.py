@@ -103,8 +103,9 @@ class Client(Protocol):
     """One backend's connections for one purpose (the clients' traffic, or mirrors).
 
     Rules: an error leaves request() and fire() named for the backend (UpstreamError.named);
-    a target that is not a path (origin-form) is refused as bad_request, so no request can
-    name another host."""
+    a target is the client's path and query, sent after the backend URL's own path (the
+    client's `prefix`); one that is not a path (origin-form) is refused as bad_request, so
+    no request can name another host."""
 
     closed: bool
     max_head_bytes: int
@@ -125,9 +126,9 @@ class Transport(Protocol):
 
     name: str
 
-    def client(self, host: str, port: int, *, name: str, tls: ssl.SSLContext | None,
-               limit: int, connect_timeout_s: float, timeout_s: float, max_head_bytes: int,
-               meter: Meter | None = None) -> Client:
+    def client(self, host: str, port: int, *, name: str, prefix: str,
+               tls: ssl.SSLContext | None, limit: int, connect_timeout_s: float,
+               timeout_s: float, max_head_bytes: int, meter: Meter | None = None) -> Client:
         """`meter`, for the mirrors' clients: charged with the time each read takes (an
         implementation that cannot time its reads ignores it: aiohttp's, whose mirrors are
         then charged only for measuring what they read)."""

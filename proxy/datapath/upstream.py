@@ -1,5 +1,5 @@
 """Backend connection pools over a Transport (proxy/datapath/transport.py): h1 by default.
-A request goes to `pool.client` (the seam) at `pool.prefix + path_qs`.
+A request goes to `pool.client` (the seam), which puts the backend URL's path before it.
 
 Rules (PITFALLS.md): no decompression (bytes pass unchanged), no cookie jar (the pool is
 shared by every user), no auto headers, no redirects followed; a client's errors are
@@ -28,10 +28,10 @@ class H1Transport:
 
     name = "h1"
 
-    def client(self, host: str, port: int, *, name: str, tls: ssl.SSLContext | None,
-               limit: int, connect_timeout_s: float, timeout_s: float, max_head_bytes: int,
-               meter: Meter | None = None) -> h1.Pool:
-        return h1.Pool(host, port, name=name, tls=tls, limit=limit,
+    def client(self, host: str, port: int, *, name: str, prefix: str,
+               tls: ssl.SSLContext | None, limit: int, connect_timeout_s: float,
+               timeout_s: float, max_head_bytes: int, meter: Meter | None = None) -> h1.Pool:
+        return h1.Pool(host, port, name=name, prefix=prefix, tls=tls, limit=limit,
                        connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
                        max_head_bytes=max_head_bytes, meter=meter)
 
@@ -50,13 +50,12 @@ def transport_named(name: str) -> Transport:
 @dataclass(slots=True)
 class Pool:
     """One backend's connections for one purpose (primary traffic or mirrors). HTTP goes
-    through its transport's client, sent to `prefix + path_qs` (h1 by default); a WebSocket
-    through aiohttp's, made on first use."""
+    through its transport's client (h1 by default); a WebSocket through aiohttp's, made on
+    first use."""
 
     backend: BackendConfig
     client: Client
     timeout_s: float
-    prefix: str = ""  # the backend URL's own path, put before every request's
     session: aiohttp.ClientSession | None = None
 
     @property
@@ -87,11 +86,12 @@ def make_pool(backend: BackendConfig, *, timeout_s: float | None = None,
     url = URL(backend.url)
     tls = ssl.create_default_context() if url.scheme == "https" else None
     client = transport.client(url.host or "127.0.0.1", url.port or (443 if tls else 80),
-                              name=backend.name, tls=tls, limit=limit or backend.max_connections,
+                              name=backend.name, prefix=url.raw_path.rstrip("/"), tls=tls,
+                              limit=limit or backend.max_connections,
                               connect_timeout_s=backend.connect_timeout_s,
                               timeout_s=timeout_s, max_head_bytes=max_head_bytes,
                               meter=meter)
-    return Pool(backend, client, timeout_s, url.raw_path.rstrip("/"))
+    return Pool(backend, client, timeout_s)
 
 
 def read_error(exc: UpstreamError, backend: str) -> UpstreamError:
