@@ -26,19 +26,22 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (stat(5) field 3 on), None when gone."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields start after the last ')'.
+    return stat[stat.rfind(")") + 2 :].split()
+
+
 def _parents() -> dict[int, int]:
     """pid -> parent pid of every process (the kernel here has no /proc/PID/task/*/children)."""
     parents = {}
     for entry in os.scandir(PROC):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (PROC / entry.name / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: the fields start after the last ')'.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        parents[int(entry.name)] = int(fields[1])
+        if entry.name.isdigit() and (fields := _stat(entry.name)) is not None:
+            parents[int(entry.name)] = int(fields[1])
     return parents
 
 
@@ -59,12 +62,8 @@ def cpu_s(pids: Iterable[int]) -> float:
     """CPU seconds (user and system) the given processes and their descendants have used."""
     total = 0
     for pid in family(pids):
-        try:
-            stat = (PROC / str(pid) / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (stat(5) fields 14, 15)
+        if (fields := _stat(pid)) is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime (stat(5) fields 14, 15)
     return total / os.sysconf("SC_CLK_TCK")
 
 

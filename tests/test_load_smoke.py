@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 # `load` is a directory of the repo, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from load import hostile, loadgen, rollout, targets
+from load import hostile, loadgen, memory, rollout, targets
 from load.measure import parse_wrk
 from load.procs import Children
 from load.wire import RequestParser
@@ -152,3 +154,12 @@ async def test_bench_before_runs_the_other_checkouts_own_entry_point(
     async with asyncio.timeout(30):
         assert await child.process.wait() == 0
     assert child.log.read_text().split() == ["ran", str(tree / "proxy" / "__init__.py"), "serve"]
+
+
+def test_cpu_time_counts_what_a_process_spent() -> None:
+    # make bench's CPU us column: a process's user and system time, as the kernel counts it.
+    before = memory.cpu_s([os.getpid()])
+    spent_until = time.process_time() + 0.1
+    while time.process_time() < spent_until:
+        pass
+    assert 0.07 <= memory.cpu_s([os.getpid()]) - before <= 2.0

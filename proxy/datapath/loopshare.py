@@ -73,8 +73,7 @@ class LoopShare:
 
     def connected(self) -> None:
         """Charge a connection made for a mirror (each endless head or reset costs one)."""
-        if self.clients.in_flight:
-            self.spend(CONNECT_S - READ_S)
+        self.spend(CONNECT_S - READ_S)  # nothing, with no client waiting (rule 3)
 
     @property
     def spent(self) -> bool:
