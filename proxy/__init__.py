@@ -7,7 +7,8 @@ The folders, lowest first; a folder imports only from those above it in this lis
               verdicts, metrics, the comparison trace
 - state/      what outlives the process: the rollout override, complaints, users
 - datapath/   one request: decided (datapath/decide.py), forwarded through the transport
-              seam, answered, mirrored, with fallback planned in datapath/fallback.py
+              seam, answered, mirrored, with fallback planned and carried out in
+              datapath/fallback.py
 - control/    changes to the rollout: rollbacks (control/rollback.py), promote, schedule,
               reload, the admin API
 - offline/    tools beside the proxy: the CLI, report, replay, demo

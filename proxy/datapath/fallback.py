@@ -1,7 +1,7 @@
 """When legacy answers for a failing next_gen: the failure kinds, a retry budget, a breaker,
-and `plan()`, the one place that says what happens to an answer: serve it, retry the request
-on legacy, or fail with the upstream's error. The I/O layer (runtime.obtain) only carries
-the plan out.
+`plan()`, the one place that says what happens to an answer (serve it, retry the request on
+legacy, or fail with the upstream's error), and `Forwarder.obtain`, which only carries the
+plan out: the one place a request is sent to its backends.
 
 Rules:
 1. Fallback happens only before anything was sent to the client, for the kinds `fallback.on`
@@ -15,18 +15,26 @@ Rules:
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
 from proxy.config.model import CircuitConfig, FallbackConfig
+from proxy.datapath import transport
 from proxy.datapath.decide import Decision
+from proxy.datapath.live import Live
 from proxy.datapath.upstream import UpstreamError
+from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.observe import Measurement, measure, no_answer
 
+log = logging.getLogger("rollout_proxy")
 FIVE_XX_KINDS = frozenset({"reset", "bad_response", "head_too_large"})
 
 
@@ -87,6 +95,105 @@ def fallback_reason(config: FallbackConfig, error: UpstreamError | None,
     if status >= 500 and "5xx" in config.on:
         return "5xx"
     return None
+
+
+@dataclass(slots=True)
+class Answer:
+    backend: str
+    role: str  # primary | fallback
+    response: transport.Answer
+    started: float
+    fallback_reason: str | None = None
+
+
+class Forwarder:
+    """Sends a request to its primary, and to legacy when `plan()` says so: the plan's I/O.
+    Every answer passed over, and every failure, is recorded (`record`, `recorded`: the
+    runtime's, which feed metrics and the guards' windows)."""
+
+    def __init__(self, breaker: Breaker, budget: RetryBudget, metrics: Metrics, *,
+                 record: Callable[[Answer, Measurement], None],
+                 recorded: Callable[[str, Measurement], None],
+                 monotonic: Callable[[], float],
+                 sleep: Callable[[float], Awaitable[Any]]) -> None:
+        self.breaker, self.budget, self.metrics = breaker, budget, metrics
+        self.record, self.recorded = record, recorded
+        self.monotonic, self.sleep = monotonic, sleep
+
+    async def obtain(self, live: Live, decision: Decision, method: str, path_qs: str,
+                     headers: CIMultiDict[str], body: bytes | None) -> Answer:
+        """The primary's answer head, or legacy's when next_gen failed and fallback applies."""
+        config, primary = live.config.fallback, decision.primary
+        step = before(decision, config, self.breaker, self.budget)
+        if step.action == "legacy":  # the breaker is open: one try on legacy, not budgeted
+            self.metrics.fallbacks.labels("circuit_open").inc()
+            return await self.on_legacy(live, "circuit_open", 1, method, path_qs, headers,
+                                        body)
+        answer, error = None, None
+        try:
+            answer = await self.send(live, primary, "primary", method, path_qs, headers, body)
+        except UpstreamError as exc:
+            self.failed(primary, "primary", exc)
+            error = exc
+        step = plan(decision, config, error,
+                             answer.response.status if answer is not None else None,
+                             self.breaker, self.budget)
+        if step.budget:
+            self.metrics.fallbacks.labels("budget").inc()
+        if step.action == "serve":
+            assert answer is not None
+            return answer
+        if step.action == "fail":
+            assert error is not None
+            raise error
+        assert step.reason is not None
+        if answer is not None:  # next_gen answered, but not well enough to serve
+            answer.response.release()
+            self.unread(live, answer)
+        self.metrics.fallbacks.labels(step.reason).inc()
+        return await self.on_legacy(live, step.reason, config.attempts, method, path_qs,
+                                    headers, body)
+
+    async def on_legacy(self, live: Live, reason: str, attempts: int, method: str,
+                        path_qs: str, headers: CIMultiDict[str], body: bytes | None) -> Answer:
+        async for attempt in retrying(attempts, self.sleep):
+            with attempt:
+                try:
+                    answer = await self.send(live, "legacy", "fallback", method, path_qs,
+                                             headers, body)
+                except UpstreamError as exc:
+                    self.failed("legacy", "fallback", exc)
+                    raise
+                answer.fallback_reason = reason
+                return answer
+        raise AssertionError("not reached: tenacity re-raises the last error")
+
+    async def send(self, live: Live, backend: str, role: str, method: str, path_qs: str,
+                   headers: CIMultiDict[str], body: bytes | None) -> Answer:
+        started = self.monotonic()
+        extra = live.config.backends[backend].headers
+        if extra:  # feature flags and the like: replace the client's header of the same name
+            headers = CIMultiDict(headers)
+            for name, value in extra:
+                headers[name] = value
+        # The pool's client is the transport seam: errors come named for the backend.
+        response = await live.pools[backend].client.request(method, path_qs, headers, body)
+        return Answer(backend, role, response, started)
+
+    def failed(self, backend: str, role: str, exc: UpstreamError) -> None:
+        self.metrics.errored(backend, role, exc.kind)
+        self.recorded(backend, no_answer(exc.kind))
+        log.warning(json.dumps({"event": "upstream_error", "backend": backend, "role": role,
+                                "kind": exc.kind, "detail": exc.detail}))
+
+    def unread(self, live: Live, answer: Answer) -> None:
+        """An answer passed over unread (next_gen's, before a fallback): measured from its
+        head alone, by the same function as every other answer."""
+        response = answer.response
+        self.record(answer, measure(response.status, response.headers, None,
+                                    started=answer.started, first_byte=None,
+                                    ended=self.monotonic(), size=0,
+                                    telemetry=live.config.telemetry, backend=answer.backend))
 
 
 def retrying(attempts: int, sleep: Callable[[float], Awaitable[Any]]) -> AsyncRetrying:

@@ -24,9 +24,10 @@ from multidict import CIMultiDict
 
 from proxy.config.model import Config, TelemetryConfig, UserIdSource
 from proxy.datapath.decide import Decision, Facts, decide
+from proxy.datapath.fallback import Answer
 from proxy.datapath.headers import downstream_headers, request_id, upstream_headers
 from proxy.datapath.live import Live
-from proxy.datapath.runtime import Answer, Runtime
+from proxy.datapath.runtime import Runtime
 from proxy.datapath.shadow import UNFINISHED, Pairing, Shadow
 from proxy.datapath.upstream import UpstreamError, read_error
 from proxy.telemetry.observe import Measurement, Tee, measure_body, measure_tee, no_answer, tee_for
@@ -186,8 +187,8 @@ class ProxyHandler:
             if decision.mirror else None
         try:
             try:
-                answer = await self.rt.obtain(live, decision, request.method, path_qs, out,
-                                              body)
+                answer = await self.rt.forwarder.obtain(live, decision, request.method,
+                                                        path_qs, out, body)
             except UpstreamError as exc:
                 if primary_seen is not None:
                     primary_seen.report((no_answer(exc.kind), None))

@@ -1,59 +1,46 @@
 """The live proxy's shared objects: the live snapshot (config, plan, pools), the state,
-metrics, windows, breaker and budget, and the operations the handler calls (obtain, record).
+metrics, windows, breaker and budget, the forwarder (fallback.py) and `record`, where every
+measured answer goes.
 
 Rules:
 1. The plan (phase, percentage) is recomputed only when something changes it, never per
    request; every change swaps `live` whole (proxy/datapath/live.py), and a handler reads it once.
-2. What happens to an answer is planned by `fallback.plan`; `obtain` only carries it out.
+2. What happens to an answer is planned by `fallback.plan`; `Forwarder.obtain` only carries
+   it out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from multidict import CIMultiDict
-
 from proxy.config.model import Config
-from proxy.datapath import fallback, transport
 from proxy.datapath.capture import Capture
-from proxy.datapath.decide import Decision, Plan
-from proxy.datapath.fallback import Breaker, RetryBudget, retrying
+from proxy.datapath.decide import Plan
+from proxy.datapath.fallback import Answer, Breaker, Forwarder, RetryBudget
 from proxy.datapath.live import Live, first, reloaded
 from proxy.datapath.sessions import Pins
 from proxy.datapath.transport import Meter, Transport
-from proxy.datapath.upstream import H1, Pool, UpstreamError
+from proxy.datapath.upstream import H1, Pool
 from proxy.state.recent import Recent
 from proxy.state.store import Store, Stored, due_steps, effective, now_rfc3339, rolled_back
 from proxy.state.users import DistinctUsers
 from proxy.tasks import Tasks
 from proxy.telemetry.guards import Windows
 from proxy.telemetry.metrics import Metrics
-from proxy.telemetry.observe import Measurement, measure, no_answer
+from proxy.telemetry.observe import Measurement
 
-log = logging.getLogger("rollout_proxy")
 SERVED_MAX = 100_000  # recent requests remembered for complaints and feedback
 Clock = Callable[[], datetime]
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(slots=True)
-class Answer:
-    backend: str
-    role: str  # primary | fallback
-    response: transport.Answer
-    started: float
-    fallback_reason: str | None = None
 
 
 class Runtime:
@@ -83,6 +70,8 @@ class Runtime:
         fb = config.fallback
         self.breaker = Breaker(fb.circuit, monotonic)
         self.budget = RetryBudget(fb.budget_ratio, fb.budget_window_s, monotonic)
+        self.forwarder = Forwarder(self.breaker, self.budget, metrics, record=self.record,
+                                   recorded=self.recorded, monotonic=monotonic, sleep=sleep)
         self.on_plan_change: list[Callable[[], None]] = []
         self.on_guard_crossed: Callable[[], None] = lambda: None  # the controller acts
         self.stored = self._stored
@@ -162,83 +151,6 @@ class Runtime:
         if rollout.migration_url:
             headers.append(("Link", f'<{rollout.migration_url}>; rel="deprecation"'))
         return headers
-
-    # Forwarding: fallback.plan decides, this carries it out ---------------------------------
-
-    async def obtain(self, live: Live, decision: Decision, method: str, path_qs: str,
-                     headers: CIMultiDict[str], body: bytes | None) -> Answer:
-        """The primary's answer head, or legacy's when next_gen failed and fallback applies."""
-        config, primary = live.config.fallback, decision.primary
-        step = fallback.before(decision, config, self.breaker, self.budget)
-        if step.action == "legacy":  # the breaker is open: one try on legacy, not budgeted
-            self.metrics.fallbacks.labels("circuit_open").inc()
-            return await self.on_legacy(live, "circuit_open", 1, method, path_qs, headers,
-                                        body)
-        answer, error = None, None
-        try:
-            answer = await self.send(live, primary, "primary", method, path_qs, headers, body)
-        except UpstreamError as exc:
-            self.failed(primary, "primary", exc)
-            error = exc
-        step = fallback.plan(decision, config, error,
-                             answer.response.status if answer is not None else None,
-                             self.breaker, self.budget)
-        if step.budget:
-            self.metrics.fallbacks.labels("budget").inc()
-        if step.action == "serve":
-            assert answer is not None
-            return answer
-        if step.action == "fail":
-            assert error is not None
-            raise error
-        assert step.reason is not None
-        if answer is not None:  # next_gen answered, but not well enough to serve
-            answer.response.release()
-            self.unread(live, answer)
-        self.metrics.fallbacks.labels(step.reason).inc()
-        return await self.on_legacy(live, step.reason, config.attempts, method, path_qs,
-                                    headers, body)
-
-    async def on_legacy(self, live: Live, reason: str, attempts: int, method: str,
-                        path_qs: str, headers: CIMultiDict[str], body: bytes | None) -> Answer:
-        async for attempt in retrying(attempts, self.sleep):
-            with attempt:
-                try:
-                    answer = await self.send(live, "legacy", "fallback", method, path_qs,
-                                             headers, body)
-                except UpstreamError as exc:
-                    self.failed("legacy", "fallback", exc)
-                    raise
-                answer.fallback_reason = reason
-                return answer
-        raise AssertionError("not reached: tenacity re-raises the last error")
-
-    async def send(self, live: Live, backend: str, role: str, method: str, path_qs: str,
-                   headers: CIMultiDict[str], body: bytes | None) -> Answer:
-        started = self.monotonic()
-        extra = live.config.backends[backend].headers
-        if extra:  # feature flags and the like: replace the client's header of the same name
-            headers = CIMultiDict(headers)
-            for name, value in extra:
-                headers[name] = value
-        # The pool's client is the transport seam: errors come named for the backend.
-        response = await live.pools[backend].client.request(method, path_qs, headers, body)
-        return Answer(backend, role, response, started)
-
-    def failed(self, backend: str, role: str, exc: UpstreamError) -> None:
-        self.metrics.errored(backend, role, exc.kind)
-        self.recorded(backend, no_answer(exc.kind))
-        log.warning(json.dumps({"event": "upstream_error", "backend": backend, "role": role,
-                                "kind": exc.kind, "detail": exc.detail}))
-
-    def unread(self, live: Live, answer: Answer) -> None:
-        """An answer passed over unread (next_gen's, before a fallback): measured from its
-        head alone, by the same function as every other answer."""
-        response = answer.response
-        self.record(answer, measure(response.status, response.headers, None,
-                                    started=answer.started, first_byte=None,
-                                    ended=self.monotonic(), size=0,
-                                    telemetry=live.config.telemetry, backend=answer.backend))
 
     def record(self, answer: Answer, seen: Measurement) -> None:
         self.metrics.measured(answer.backend, answer.role, seen)
