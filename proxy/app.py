@@ -212,7 +212,7 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
 
     def apply(new: Config) -> None:
         runtime.reload(new)
-        budget.tokens_cap, budget.usd_cap = new.shadow.tokens_per_hour, new.shadow.usd_per_hour
+        budget.cap(new.shadow.tokens_per_hour, new.shadow.usd_per_hour)
         share.share = new.shadow.max_loop_share
         shadow.max_held_bytes = new.shadow.max_held_bytes
 

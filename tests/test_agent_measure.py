@@ -22,7 +22,14 @@ from proxy.config.model import Extract, TelemetryConfig
 from proxy.offline.report import read_trace
 from proxy.offline.report_format import summary_json
 from proxy.telemetry.observe import measure, tee_for
-from tests.conftest import Backend, Running, config_dict, metrics_samples, running
+from tests.conftest import (
+    Backend,
+    Running,
+    config_dict,
+    metrics_samples,
+    running,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(60)
 WAIT = 10.0
@@ -390,6 +397,31 @@ async def test_usd_budget_counts_next_gen_cost(tmp_path: Path,
     assert budget["usd_per_hour"] == 0.005
     assert (budget["usd_used"], budget["usd_left"]) == (0.0072, 0)
     assert budget["tokens_per_hour"] is None and budget["tokens_left"] is None
+
+
+async def test_a_budget_a_reload_sets_binds_and_one_it_removes_lets_go(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    clock = Clock()  # next_gen answers 1200 tokens each: a cap of 1000 allows one mirror
+    async with running(tmp_path, shadow_config(backends), monotonic=clock) as proxy, \
+            aiohttp.ClientSession() as http:
+
+        async def mirrored(count: int) -> int:
+            for _ in range(count):
+                assert (await fetch(http, f"{proxy.url}/v1/tasks/{uuid.uuid4()}"))[0] == 200
+                await settled_trace(proxy)
+            return len(backends["next_gen"].seen)
+
+        assert await mirrored(2) == 2  # no cap: every mirror goes
+        write_config(tmp_path, shadow_config(backends,
+                                             shadow={"budget": {"tokens_per_hour": 1000}}))
+        assert proxy.proxy.control.reload()
+        assert await mirrored(3) == 3  # what was spent uncapped is not counted: one goes
+        assert proxy.metric("rollout_shadow_dropped_total", reason="budget") == 2
+        write_config(tmp_path, shadow_config(backends))
+        assert proxy.proxy.control.reload()
+        assert await mirrored(2) == 5
+        budget = (await admin_status(http, proxy))["shadow"]["budget"]
+    assert budget["tokens_per_hour"] is None
 
 
 def agent(result: list[str], counter: itertools.count[int]) -> Handler:

@@ -40,7 +40,7 @@ class Recorder:
         self.chunks: list[bytes] = []
         self.dones: list[Done] = []
         self.faults: list[str] = []
-        self.taken = b""  # a body that came whole in one read: done() takes it
+        self.taken = b""  # a body that came whole in one read: done() is given it
         self.changed = asyncio.Event()
 
     def _seen(self, what: str) -> None:
@@ -61,10 +61,10 @@ class Recorder:
         self._seen("chunk")
         self.chunks.append(data)
 
-    def done(self, response: h1.Response | None, error: h1.WireError | None,
-             retry: bool) -> None:
-        if response is not None and error is None:
-            self.taken = response.take() or b""
+    def done(self, response: h1.Response | None, body: bytes | None,
+             error: h1.WireError | None, retry: bool) -> None:
+        if body is not None:
+            self.taken = body
         self._seen("done")
         self.dones.append((response, error, retry))
 
@@ -419,9 +419,9 @@ async def test_done_may_fire_the_next_request_at_once(raw: Start, pools: MakePoo
     fired_again: list[bool] = []
 
     class Chain(Recorder):
-        def done(self, response: h1.Response | None, error: h1.WireError | None,
-                 retry: bool) -> None:
-            super().done(response, error, retry)
+        def done(self, response: h1.Response | None, body: bytes | None,
+                 error: h1.WireError | None, retry: bool) -> None:
+            super().done(response, body, error, retry)
             fired_again.append(pool.fire("GET", "/two", CIMultiDict(), None, second))
 
     first = Chain()
@@ -607,9 +607,9 @@ async def test_a_sink_firing_again_from_a_timeout_keeps_one_sweep(
     again = Recorder()
 
     class Refire(Recorder):
-        def done(self, response: h1.Response | None, error: h1.WireError | None,
-                 retry: bool) -> None:
-            super().done(response, error, retry)
+        def done(self, response: h1.Response | None, body: bytes | None,
+                 error: h1.WireError | None, retry: bool) -> None:
+            super().done(response, body, error, retry)
             fire(pool, again, "/again")  # from inside the sweep that timed this one out
 
     first = Refire()
@@ -800,9 +800,9 @@ class Failing(Recorder):
         if self.where == "chunk":
             raise RuntimeError("sink broke in chunk")
 
-    def done(self, response: h1.Response | None, error: h1.WireError | None,
-             retry: bool) -> None:
-        super().done(response, error, retry)
+    def done(self, response: h1.Response | None, body: bytes | None,
+             error: h1.WireError | None, retry: bool) -> None:
+        super().done(response, body, error, retry)
         if self.where == "done":
             raise RuntimeError("sink broke in done")
 

@@ -16,14 +16,17 @@ HOUR_S = 3600.0
 class SpendBudget:
     def __init__(self, tokens_per_hour: float | None, usd_per_hour: float | None,
                  monotonic: Callable[[], float]) -> None:
-        self.tokens_cap, self.usd_cap, self.monotonic = tokens_per_hour, usd_per_hour, monotonic
+        self.monotonic = monotonic
         self.spends: deque[tuple[float, float, float]] = deque()  # (time, tokens, usd)
         self.tokens = 0.0
         self.usd = 0.0
+        self.cap(tokens_per_hour, usd_per_hour)
 
-    @property
-    def capped(self) -> bool:
-        return self.tokens_cap is not None or self.usd_cap is not None
+    def cap(self, tokens_per_hour: float | None, usd_per_hour: float | None) -> None:
+        """Set the caps (again, on a reload); what was spent in the last hour still counts."""
+        self.tokens_cap, self.usd_cap = tokens_per_hour, usd_per_hour
+        # A plain attribute: a mirror asks only a capped budget (Shadow.refusal, .mirrored).
+        self.capped = tokens_per_hour is not None or usd_per_hour is not None
 
     def _prune(self) -> None:
         edge = self.monotonic() - HOUR_S

@@ -24,7 +24,7 @@ Rules:
    with no coroutine waiting for it (shadow mirrors: one per request). The Sink hears
    exactly once that the answer ended or failed; its callbacks run inside the parser. A
    body that ends in the read it began in (most answers) is not chunked to the Sink: done()
-   finds it whole in response.take(), one call instead of one per piece.
+   is given it whole, one call instead of one per piece.
    Its head and the quiet between body pieces are bounded by timeout_s, checked by one
    sweep per pool every timeout_s / 8 (at most 1 s), not by a timer per request.
 7. An answer's head is bounded: at most `max_head_bytes` from the request until the final

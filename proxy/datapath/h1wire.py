@@ -32,10 +32,10 @@ class WireError(UpstreamError):
     data path above never needs to know this client."""
 
 
-def _tell(sink: Sink, response: Response | None, error: WireError | None,
-          retry: bool = False) -> None:
+def _tell(sink: Sink, response: Response | None, body: bytes | None,
+          error: WireError | None, retry: bool = False) -> None:
     try:  # inside the parser's callbacks: an error here must not break the connection
-        sink.done(response, error, retry)
+        sink.done(response, body, error, retry)
     except Exception:
         log.exception("an answer's sink failed")
 
@@ -74,14 +74,14 @@ class Response:
         self.keep_alive = False
         self.error: WireError | None = None
         self.sink: Sink | None = None  # set by Pool.fire: the body goes there, not to a reader
-        self.streamed = False  # a piece of the body went to the sink (else done() takes it)
+        self.streamed = False  # a piece of the body went to the sink (else done() is given it)
 
     # Fed by the connection -----------------------------------------------------------------
 
     def feed(self, data: bytes, last: bool = False) -> None:
         """A piece of the body; `last`: the answer ends with it."""
         if self.sink is not None:
-            if last and not self.streamed:  # whole in one read: the sink takes it at done
+            if last and not self.streamed:  # whole in one read: done() is given it
                 self._chunks.append(data)
                 return
             self.streamed = True
@@ -106,8 +106,9 @@ class Response:
         self._wake()
         if self.sink is not None:
             sink, self.sink = self.sink, None
+            body = None if self.streamed else self._whole()
             self.release()
-            _tell(sink, self, None)
+            _tell(sink, self, body, None)
 
     def fail(self, error: WireError) -> None:
         if not self.done and self.error is None:
@@ -116,7 +117,7 @@ class Response:
             if self.sink is not None:
                 sink, self.sink = self.sink, None
                 self.close()
-                _tell(sink, self, error)
+                _tell(sink, self, None, error)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -463,7 +464,7 @@ class Connection(asyncio.Protocol):
         retry = (not ours and error.kind == "reset" and self.reused and not self.got_bytes
                  and self.idempotent)  # as request() retries (rule 4)
         self.close()
-        _tell(sink, None, error, retry)
+        _tell(sink, None, None, error, retry)
 
     def failed(self, error: WireError) -> None:
         if self.response is not None:

@@ -193,7 +193,8 @@ class Shadow:
         seen = answers[0][0]
         self.metrics.measured("next_gen", "shadow", seen)
         self.record("next_gen", seen)
-        self.budget.spend(seen.tokens, seen.cost_usd)
+        if self.budget.capped:  # without a cap there is nothing to count
+            self.budget.spend(seen.tokens, seen.cost_usd)
         if starved:
             self.metrics.shadow_dropped.labels("held_bytes").inc()
             answers = DROPPED
@@ -237,7 +238,7 @@ class Shadow:
             return "shutdown"
         if self.in_flight >= config.max_in_flight or self.share.spent:
             return "overload"
-        if not self.budget.allow():
+        if self.budget.capped and not self.budget.allow():
             return "budget"
         return None
 
@@ -358,7 +359,7 @@ class MirrorSink:
         self.tee: Tee | None = None
 
     def head(self, response: Answer) -> None:
-        self.response = response  # its body streams to chunk(), or done() takes it whole
+        self.response = response  # its body streams to chunk(), or done() is given it whole
 
     def chunk(self, data: bytes) -> None:
         tee = self.tee
@@ -369,7 +370,7 @@ class MirrorSink:
                                      self.pairing.live.config.telemetry, True, self.shadow)
         tee.feed(data)
 
-    def done(self, response: Answer | None, error: UpstreamError | None,
+    def done(self, response: Answer | None, body: bytes | None, error: UpstreamError | None,
              retry: bool) -> None:
         shadow, pairing = self.shadow, self.pairing
         if shadow.cut:
@@ -388,11 +389,11 @@ class MirrorSink:
             shadow.ended(pairing, no_answer(error.kind, (ended - self.started) * 1000), None)
             return
         telemetry = pairing.live.config.telemetry
-        if self.tee is None and error is None:  # the body came whole, in one read
+        if body is not None:  # the body came whole, in one read
             # Measured at once from the bytes at hand: none are kept past this call, so
             # none are taken from max_held_bytes (a parked document is, in ended()).
             shadow.ended(pairing, *measure_body(
-                response.status, response.headers, response.take() or b"",
+                response.status, response.headers, body,
                 started=self.started, ended=ended, telemetry=telemetry, compare=True,
                 backend="next_gen"))
             return

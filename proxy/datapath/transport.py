@@ -80,13 +80,14 @@ class Answer(Protocol):
 class Sink(Protocol):
     """Takes an answer as it is parsed (Client.fire): no task per request. head() comes
     first; chunk() gives the body as it arrives, except a body that arrived whole in one
-    read: then done() finds it in response.take()."""
+    read: then done() is given it as `body` (None when it was chunked, or on an error)."""
 
     def head(self, response: Answer) -> None: ...
 
     def chunk(self, data: bytes) -> None: ...
 
-    def done(self, response: Answer | None, error: UpstreamError | None, retry: bool) -> None: ...
+    def done(self, response: Answer | None, body: bytes | None, error: UpstreamError | None,
+             retry: bool) -> None: ...
 
 
 class Meter(Protocol):
