@@ -6,6 +6,11 @@ request is served: `progressive`, served by next_gen (the primary leg), and `sha
 by legacy and mirrored to next_gen (the mirror leg counted apart). A coroutine resumed is not
 a new call; the control loop's own work is left out. Prints the count, the modules met and
 the busiest pairs. A reading aid for the architecture, not a benchmark.
+
+`--opcodes` counts instead the Python instructions `proxy/`'s own code executes for that one
+request: a figure of the proxy's work that, unlike a timing, no other process on the core
+can move (the same code counts the same). `--tree DIR` runs another checkout's `proxy/`
+(this tool and the backends stay this checkout's), so two revisions compare in two runs.
 """
 
 from __future__ import annotations
@@ -26,14 +31,30 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-import proxy
-from proxy.app import build, start, stop
-from proxy.config.loading import load_config
-
-ROOT = str(Path(proxy.__file__).parent)
+ROOT = ""  # the proxy package's folder, set by use_tree()
 SKIPPED_ROOTS = ("control",)  # the control loop and state watch run beside the request
 RESUMABLE = 0x20 | 0x80 | 0x200  # CO_GENERATOR, CO_COROUTINE, CO_ASYNC_GENERATOR
 FRESH = 8  # a coroutine's first run starts past its RETURN_GENERATOR, POP_TOP (CPython 3.11)
+
+
+def use_tree(tree: Path | None) -> Any:
+    """Import `proxy` (from `tree`, a checkout, when given) and return its app module."""
+    global ROOT
+    if tree is not None:
+        sys.path.insert(0, str(tree.resolve()))
+    import proxy
+    import proxy.app
+
+    ROOT = str(Path(proxy.__file__).parent)
+    return proxy.app
+
+
+def loader() -> Any:
+    try:  # config/loading.py since the folders; config.py before
+        from proxy.config.loading import load_config
+    except ImportError:
+        from proxy.config import load_config  # type: ignore[attr-defined,no-redef]
+    return load_config
 
 
 def module_of(frame: FrameType) -> str | None:
@@ -74,12 +95,41 @@ class Crossings:
         return {m for pair in self.pairs for m in pair}
 
 
+class Opcodes:
+    """The Python instructions executed by proxy/'s code, the control loop's included (it
+    is proxy/'s work while the request is served too)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.functions: Counter[str] = Counter()
+
+    def trace(self, frame: FrameType, event: str, arg: Any) -> Any:
+        module = module_of(frame)
+        if module is None:
+            return None  # not proxy/'s code: its opcodes are not counted
+        frame.f_trace_opcodes = True
+        name = f"{module}.{frame.f_code.co_qualname}"
+        functions = self.functions
+
+        def opcode(frame: FrameType, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                self.total += 1
+                functions[name] += 1
+            return opcode
+
+        return opcode
+
+
 @contextmanager
-def profiled(crossings: Crossings) -> Iterator[None]:
-    sys.setprofile(crossings.profile)
+def profiled(counter: Crossings | Opcodes) -> Iterator[None]:
+    if isinstance(counter, Opcodes):
+        sys.settrace(counter.trace)
+    else:
+        sys.setprofile(counter.profile)
     try:
         yield
     finally:
+        sys.settrace(None)
         sys.setprofile(None)
 
 
@@ -103,7 +153,8 @@ async def parked(seconds: float) -> None:
     await asyncio.Event().wait()
 
 
-async def one_request(phase: str, workdir: Path, mirrored: bool) -> Crossings:
+async def one_request(phase: str, workdir: Path, mirrored: bool,
+                      counter: Crossings | Opcodes) -> None:
     old, old_url = await backend("legacy")
     new, new_url = await backend("next_gen")
     data = {"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"},
@@ -115,10 +166,10 @@ async def one_request(phase: str, workdir: Path, mirrored: bool) -> Crossings:
             "guards": {"min_requests": 1_000_000}}
     path = workdir / f"{phase}.yaml"
     path.write_text(yaml.safe_dump(data))
-    running = build(load_config(path), registry=CollectorRegistry(), sleep=parked)
-    await start(running)
+    app = sys.modules["proxy.app"]
+    running = app.build(loader()(path), registry=CollectorRegistry(), sleep=parked)
+    await app.start(running)
     url = f"http://127.0.0.1:{running.ports['proxy']}/v1/tasks"
-    crossings = Crossings()
     try:
         async with aiohttp.ClientSession() as http:
             for index in range(3):  # warm: connections made, first-use paths taken
@@ -126,16 +177,15 @@ async def one_request(phase: str, workdir: Path, mirrored: bool) -> Crossings:
                                      headers={"X-User-Id": f"warm-{index}"}) as response:
                     await response.read()
                 await drained(running)
-            with profiled(crossings):
+            with profiled(counter):
                 async with http.post(url, json={"task": "counted"},
                                      headers={"X-User-Id": "counted"}) as response:
                     await response.read()
                 await drained(running)
     finally:
-        await stop(running)
+        await app.stop(running)
         await old.cleanup()
         await new.cleanup()
-    return crossings
 
 
 async def drained(running: Any) -> None:
@@ -159,17 +209,31 @@ def report(title: str, crossings: Crossings, top: int, calls: bool) -> str:
     return "\n".join(lines)
 
 
-async def main(top: int, calls: bool) -> None:
+PHASES = (("progressive", "progressive, served by next_gen", False),
+          ("shadow", "shadow, served by legacy and mirrored", True))
+
+
+async def main(top: int, calls: bool, opcodes: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        primary = await one_request("progressive", Path(tmp), mirrored=False)
-        mirrored = await one_request("shadow", Path(tmp), mirrored=True)
-    print(report("progressive, served by next_gen", primary, top, calls))
-    print(report("shadow, served by legacy and mirrored", mirrored, top, calls))
+        for phase, title, mirrored in PHASES:
+            counter: Crossings | Opcodes = Opcodes() if opcodes else Crossings()
+            await one_request(phase, Path(tmp), mirrored, counter)
+            if isinstance(counter, Opcodes):
+                print(f"{title}: {counter.total} opcodes of proxy/'s code")
+                for name, count in counter.functions.most_common(top):
+                    print(f"  {count:5d}  {name}")
+            else:
+                print(report(title, counter, top, calls))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--top", type=int, default=15, help="the busiest pairs to list")
+    parser.add_argument("--top", type=int, default=15,
+                        help="the busiest pairs (or, with --opcodes, functions) to list")
     parser.add_argument("--calls", action="store_true", help="list every function called")
+    parser.add_argument("--opcodes", action="store_true",
+                        help="count the Python instructions of proxy/'s code instead")
+    parser.add_argument("--tree", type=Path, help="a checkout whose proxy/ to run")
     args = parser.parse_args()
-    asyncio.run(main(args.top, args.calls))
+    use_tree(args.tree)
+    asyncio.run(main(args.top, args.calls, args.opcodes))

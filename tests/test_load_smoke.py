@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +23,7 @@ from load.measure import parse_wrk
 from load.procs import Children
 from load.wire import RequestParser
 
+ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = 200
 DURATION_S = 1.0
 
@@ -163,3 +166,25 @@ def test_cpu_time_counts_what_a_process_spent() -> None:
     while time.process_time() < spent_until:
         pass
     assert 0.07 <= memory.cpu_s([os.getpid()]) - before <= 2.0
+
+
+def crossings(*args: str) -> list[int]:
+    """`python -m load.crossings --top 0 ARGS`: its two figures (progressive, shadow)."""
+    done = subprocess.run([sys.executable, "-m", "load.crossings", "--top", "0", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=90, check=True)
+    return [int(line.split(": ", 1)[1].split()[0]) for line in done.stdout.splitlines()]
+
+
+def test_crossings_counts_the_calls_and_opcodes_of_the_checkout_it_is_given(
+        tmp_path: Path) -> None:
+    calls, opcodes = crossings(), crossings("--opcodes")
+    assert len(calls) == len(opcodes) == 2 and all(calls) and all(opcodes)
+    assert calls[1] > calls[0] and opcodes[1] > opcodes[0]  # the mirror leg adds to both
+    # --tree: another checkout's proxy/ runs; here a copy whose request ids cost 100 loops.
+    shutil.copytree(ROOT / "proxy", tmp_path / "proxy",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with (tmp_path / "proxy" / "datapath" / "headers.py").open("a") as extra:
+        extra.write("\n_request_id = request_id\n\n\ndef request_id(headers):\n"
+                    "    for _ in range(100):\n        pass\n    return _request_id(headers)\n")
+    other = crossings("--opcodes", "--tree", str(tmp_path))
+    assert other[0] - opcodes[0] >= 300
