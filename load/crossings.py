@@ -64,6 +64,16 @@ def module_of(frame: FrameType) -> str | None:
     return name[len(ROOT) + 1:].removesuffix(".py").replace("/", ".")
 
 
+def beside(frame: FrameType | None) -> bool:
+    """Whether the outermost proxy/ frame under `frame` is the control plane's (its loop,
+    the state watch): work beside the request, not for it."""
+    root, walk = "", frame
+    while walk is not None:
+        root = module_of(walk) or root
+        walk = walk.f_back
+    return root.split(".")[0] in SKIPPED_ROOTS
+
+
 class Crossings:
     def __init__(self) -> None:
         self.pairs: Counter[tuple[str, str]] = Counter()
@@ -77,12 +87,7 @@ class Crossings:
         caller = module_of(caller_frame) if caller_frame is not None else None
         if callee is None or caller is None or callee == caller:
             return
-        root, walk = caller, caller_frame
-        while walk is not None:
-            found = module_of(walk)
-            root = found or root
-            walk = walk.f_back
-        if root.split(".")[0] in SKIPPED_ROOTS:
+        if beside(caller_frame):
             return  # the control plane's own work (its loop, the state watch), not the request
         self.pairs[(caller, callee)] += 1
         self.calls[(caller, f"{callee}.{frame.f_code.co_qualname}")] += 1
@@ -96,8 +101,8 @@ class Crossings:
 
 
 class Opcodes:
-    """The Python instructions executed by proxy/'s code, the control loop's included (it
-    is proxy/'s work while the request is served too)."""
+    """The Python instructions executed by proxy/'s code for the request, the control
+    plane's own work left out (as by Crossings)."""
 
     def __init__(self) -> None:
         self.total = 0
@@ -105,8 +110,8 @@ class Opcodes:
 
     def trace(self, frame: FrameType, event: str, arg: Any) -> Any:
         module = module_of(frame)
-        if module is None:
-            return None  # not proxy/'s code: its opcodes are not counted
+        if module is None or beside(frame):
+            return None  # not proxy/'s code, or not the request's: its opcodes not counted
         frame.f_trace_opcodes = True
         name = f"{module}.{frame.f_code.co_qualname}"
         functions = self.functions
