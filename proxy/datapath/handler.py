@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from proxy.config.model import Config, TelemetryConfig, UserIdSource
 from proxy.datapath.decide import Decision, Facts, decide
 from proxy.datapath.fallback import Answer
-from proxy.datapath.headers import downstream_headers, request_id, upstream_headers
+from proxy.datapath.headers import REQUEST_ID, downstream_headers, request_id, upstream_headers
 from proxy.datapath.live import Live
 from proxy.datapath.runtime import Runtime
 from proxy.datapath.shadow import UNFINISHED, Pairing, Shadow
@@ -133,22 +133,24 @@ class ProxyHandler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         rt = self.rt
         live = rt.live  # this request's snapshot, to its end
-        rid = request_id(request.headers)
         if rt.in_flight >= live.config.limits.max_in_flight:
             rt.metrics.rejected.labels("overload").inc()
             return error_response(503, "the proxy is at limits.max_in_flight; retry shortly",
-                                  rid, Retry_After="1")
+                                  request_id(request.headers), Retry_After="1")
         rt.in_flight += 1
         try:
-            return await self.serve(request, live, rid)
+            return await self.serve(request, live)
         finally:
             rt.in_flight -= 1
             if rt.draining and rt.in_flight == 0:
                 rt.idle.set()
 
-    async def serve(self, request: web.BaseRequest, live: Live,
-                    rid: str) -> web.StreamResponse:
+    async def serve(self, request: web.BaseRequest, live: Live) -> web.StreamResponse:
         config = live.config
+        out = upstream_headers(request.headers, peer=request.remote or "", scheme=request.scheme,
+                               host=request.headers.get("Host"),
+                               trusted_hops=config.limits.trusted_hops)
+        rid = out[REQUEST_ID]  # the client's X-Request-Id if sane, else a new one
         path_qs = upstream_target(request)
         if path_qs is None:
             return error_response(400, "the request target must be a path", rid)
@@ -178,11 +180,7 @@ class ProxyHandler:
         if decision.gone:
             return self.gone(config, rid)
         if facts.websocket:
-            return await self.websocket(request, live, decision, rid)
-        peer = request.remote or ""
-        out = upstream_headers(request.headers, rid=rid, peer=peer, scheme=request.scheme,
-                               host=request.headers.get("Host"),
-                               trusted_hops=config.limits.trusted_hops)
+            return await self.websocket(request, live, decision, out, rid)
         primary_seen = self.shadow.mirror(live, request.method, path_qs, out, body, rid) \
             if decision.mirror else None
         try:
@@ -326,14 +324,13 @@ class ProxyHandler:
             primary_seen.report((seen, document))
 
     async def websocket(self, request: web.BaseRequest, live: Live, decision: Decision,
-                        rid: str) -> web.StreamResponse:
+                        out: CIMultiDict[str], rid: str) -> web.StreamResponse:
         """Pass a WebSocket through to the primary backend, frames both ways."""
         pool = live.pools[decision.primary]
         url = pool.backend.url.replace("http", "ws", 1) + (upstream_target(request) or "/")
-        headers = upstream_headers(request.headers, rid=rid, peer=request.remote or "",
-                                   scheme=request.scheme, host=request.headers.get("Host"),
-                                   trusted_hops=live.config.limits.trusted_hops,
-                                   extra=pool.backend.headers)
+        headers = CIMultiDict(out)  # the backend's configured headers replace the client's
+        for name, value in pool.backend.headers:
+            headers[name] = value
         for name in WEBSOCKET_OWN:  # the client session negotiates its own handshake
             headers.popall(name, None)
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")

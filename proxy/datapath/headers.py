@@ -88,11 +88,13 @@ def _forget_ids() -> None:
 os.register_at_fork(after_in_child=_forget_ids)
 
 
-def upstream_headers(incoming: CIMultiDictProxy[str], *, rid: str, peer: str, scheme: str,
-                     host: str | None, trusted_hops: int,
+def upstream_headers(incoming: CIMultiDictProxy[str], *, peer: str, scheme: str,
+                     host: str | None, trusted_hops: int, rid: str | None = None,
                      extra: Iterable[tuple[str, str]] = ()) -> CIMultiDict[str]:
+    """The headers sent upstream. They carry the request id (`out["X-Request-Id"]`): `rid`,
+    else the client's own if sane, else a new one (request_id)."""
     out = copy_end_to_end(incoming, REQUEST_DROP)
-    out[REQUEST_ID] = rid
+    out[REQUEST_ID] = request_id(incoming) if rid is None else rid
     forwarded(out, incoming, peer=peer, scheme=scheme, host=host, trusted_hops=trusted_hops)
     via = ", ".join(incoming.getall("Via", ()))
     out["Via"] = f"{via}, {VIA}" if via else VIA
