@@ -136,8 +136,8 @@ class Forwarder:
             self.failed(primary, "primary", exc)
             error = exc
         step = plan(decision, config, error,
-                             answer.response.status if answer is not None else None,
-                             self.breaker, self.budget)
+                    answer.response.status if answer is not None else None,
+                    self.breaker, self.budget)
         if step.budget:
             self.metrics.fallbacks.labels("budget").inc()
         if step.action == "serve":
