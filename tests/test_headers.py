@@ -8,7 +8,13 @@ import re
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.datapath.headers import IDS_PER_READ, downstream_headers, request_id, upstream_headers
+from proxy.datapath.headers import (
+    IDS_PER_READ,
+    downstream_headers,
+    replacing,
+    request_id,
+    upstream_headers,
+)
 
 HOP_BY_HOP = ["Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer",
               "Transfer-Encoding", "Upgrade", "Proxy-Authenticate", "Proxy-Authorization"]
@@ -22,7 +28,7 @@ def incoming(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
 
 def upstream(*pairs: tuple[str, str], trusted_hops: int = 0, peer: str = "203.0.113.7",
              scheme: str = "https", host: str | None = "api.example") -> CIMultiDict[str]:
-    return upstream_headers(incoming(*pairs), rid="rid-1", peer=peer, scheme=scheme, host=host,
+    return upstream_headers(incoming(*pairs), peer=peer, scheme=scheme, host=host,
                             trusted_hops=trusted_hops)
 
 
@@ -216,13 +222,15 @@ def test_request_id_header_name_is_case_insensitive() -> None:
 def test_upstream_request_carries_exactly_the_chosen_request_id() -> None:
     out = upstream(("X-Request-Id", "from-client"))
 
-    assert out.getall("X-Request-Id") == ["rid-1"]
+    assert out.getall("X-Request-Id") == ["from-client"]
+    (chosen,) = upstream(("X-Request-Id", "bad\x01id")).getall("X-Request-Id")
+    assert GENERATED_ID.match(chosen)  # the client's, replaced: still exactly one
 
 
 def test_extra_headers_replace_client_headers_of_the_same_name() -> None:
-    out = upstream_headers(incoming(("X-Rollout-Shadow", "0"), ("Accept", "*/*")), rid="r",
-                           peer="203.0.113.7", scheme="http", host=None, trusted_hops=0,
-                           extra=[("X-Rollout-Shadow", "1")])
+    out = replacing(upstream_headers(incoming(("X-Rollout-Shadow", "0"), ("Accept", "*/*")),
+                                     peer="203.0.113.7", scheme="http", host=None,
+                                     trusted_hops=0), [("X-Rollout-Shadow", "1")])
 
     assert out.getall("X-Rollout-Shadow") == ["1"]
     assert "X-Forwarded-Host" not in out

@@ -29,6 +29,7 @@ from tenacity.wait import wait_random_exponential
 from proxy.config.model import CircuitConfig, FallbackConfig
 from proxy.datapath import transport
 from proxy.datapath.decide import Decision
+from proxy.datapath.headers import replacing
 from proxy.datapath.live import Live
 from proxy.datapath.upstream import UpstreamError
 from proxy.telemetry.metrics import Metrics
@@ -171,11 +172,9 @@ class Forwarder:
     async def send(self, live: Live, backend: str, role: str, method: str, path_qs: str,
                    headers: CIMultiDict[str], body: bytes | None) -> Answer:
         started = self.monotonic()
-        extra = live.config.backends[backend].headers
-        if extra:  # feature flags and the like: replace the client's header of the same name
-            headers = CIMultiDict(headers)
-            for name, value in extra:
-                headers[name] = value
+        configured = live.config.backends[backend].headers
+        if configured:
+            headers = replacing(headers, configured)
         # The pool's client is the transport seam: errors come named for the backend.
         response = await live.pools[backend].client.request(method, path_qs, headers, body)
         return Answer(backend, role, response, started)

@@ -25,7 +25,13 @@ from multidict import CIMultiDict
 from proxy.config.model import Config, TelemetryConfig, UserIdSource
 from proxy.datapath.decide import Decision, Facts, decide
 from proxy.datapath.fallback import Answer
-from proxy.datapath.headers import REQUEST_ID, downstream_headers, request_id, upstream_headers
+from proxy.datapath.headers import (
+    REQUEST_ID,
+    downstream_headers,
+    replacing,
+    request_id,
+    upstream_headers,
+)
 from proxy.datapath.live import Live
 from proxy.datapath.runtime import Runtime
 from proxy.datapath.shadow import UNFINISHED, Pairing, Shadow
@@ -328,9 +334,7 @@ class ProxyHandler:
         """Pass a WebSocket through to the primary backend, frames both ways."""
         pool = live.pools[decision.primary]
         url = pool.backend.url.replace("http", "ws", 1) + (upstream_target(request) or "/")
-        headers = CIMultiDict(out)  # the backend's configured headers replace the client's
-        for name, value in pool.backend.headers:
-            headers[name] = value
+        headers = replacing(out, pool.backend.headers)
         for name in WEBSOCKET_OWN:  # the client session negotiates its own handshake
             headers.popall(name, None)
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")

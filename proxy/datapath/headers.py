@@ -89,18 +89,24 @@ os.register_at_fork(after_in_child=_forget_ids)
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], *, peer: str, scheme: str,
-                     host: str | None, trusted_hops: int, rid: str | None = None,
-                     extra: Iterable[tuple[str, str]] = ()) -> CIMultiDict[str]:
-    """The headers sent upstream. They carry the request id (`out["X-Request-Id"]`): `rid`,
-    else the client's own if sane, else a new one (request_id)."""
+                     host: str | None, trusted_hops: int) -> CIMultiDict[str]:
+    """The headers sent upstream. They carry the request id (`out["X-Request-Id"]`): the
+    client's own if sane, else a new one (request_id)."""
     out = copy_end_to_end(incoming, REQUEST_DROP)
-    out[REQUEST_ID] = request_id(incoming) if rid is None else rid
+    out[REQUEST_ID] = request_id(incoming)
     forwarded(out, incoming, peer=peer, scheme=scheme, host=host, trusted_hops=trusted_hops)
     via = ", ".join(incoming.getall("Via", ()))
     out["Via"] = f"{via}, {VIA}" if via else VIA
-    for name, value in extra:
-        out[name] = value
     return out
+
+
+def replacing(headers: CIMultiDict[str], configured: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """A copy of `headers` in which each configured header (a backend's or the mirrors': feature
+    flags and the like) replaces the client's of the same name."""
+    copy = CIMultiDict(headers)
+    for name, value in configured:
+        copy[name] = value
+    return copy
 
 
 def forwarded(out: CIMultiDict[str], incoming: Mapping[str, str], *, peer: str, scheme: str,

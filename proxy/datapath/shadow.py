@@ -40,6 +40,7 @@ from multidict import CIMultiDict
 
 from proxy.config.model import Config, ShadowConfig
 from proxy.datapath.budget import SpendBudget
+from proxy.datapath.headers import replacing
 from proxy.datapath.live import Live
 from proxy.datapath.loopshare import LoopShare
 from proxy.datapath.transport import Answer
@@ -125,10 +126,7 @@ class Shadow:
         configured = (*config.backends[backend].headers, *config.shadow.headers)
         if not configured:
             return headers, (SHADOW_HEADER,)
-        copy = CIMultiDict(headers)
-        for name, value in (*configured, SHADOW_HEADER):
-            copy[name] = value
-        return copy, ()
+        return replacing(headers, (*configured, SHADOW_HEADER)), ()
 
     def mirror(self, live: Live, method: str, path_qs: str, headers: CIMultiDict[str],
                body: bytes | None, rid: str) -> Pairing | None:
