@@ -25,8 +25,10 @@ class SpendBudget:
     def cap(self, tokens_per_hour: float | None, usd_per_hour: float | None) -> None:
         """Set the caps (again, on a reload); what was spent in the last hour still counts."""
         self.tokens_cap, self.usd_cap = tokens_per_hour, usd_per_hour
-        # A plain attribute: a mirror asks only a capped budget (Shadow.refusal, .mirrored).
-        self.capped = tokens_per_hour is not None or usd_per_hour is not None
+
+    @property
+    def capped(self) -> bool:
+        return self.tokens_cap is not None or self.usd_cap is not None
 
     def _prune(self) -> None:
         edge = self.monotonic() - HOUR_S

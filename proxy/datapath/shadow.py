@@ -191,8 +191,7 @@ class Shadow:
         seen = answers[0][0]
         self.metrics.measured("next_gen", "shadow", seen)
         self.record("next_gen", seen)
-        if self.budget.capped:  # without a cap there is nothing to count
-            self.budget.spend(seen.tokens, seen.cost_usd)
+        self.budget.spend(seen.tokens, seen.cost_usd)
         if starved:
             self.metrics.shadow_dropped.labels("held_bytes").inc()
             answers = DROPPED
@@ -236,7 +235,7 @@ class Shadow:
             return "shutdown"
         if self.in_flight >= config.max_in_flight or self.share.spent:
             return "overload"
-        if self.budget.capped and not self.budget.allow():
+        if not self.budget.allow():
             return "budget"
         return None
 
