@@ -205,7 +205,7 @@ def build(config: Config, *, registry: CollectorRegistry | None = None,
         CIRCUIT_STATES[state])
     budget = SpendBudget(config.shadow.tokens_per_hour, config.shadow.usd_per_hour,
                          runtime.monotonic)
-    shadow = Shadow(metrics, trace, runtime.recorded, budget, share,
+    shadow = Shadow(metrics, trace, runtime.record, budget, share,
                     config.shadow.max_held_bytes)
     metrics.track_in_flight(lambda: shadow.in_flight, metrics.shadow_in_flight)
     metrics.track_in_flight(lambda: shadow.held_bytes, metrics.shadow_held)

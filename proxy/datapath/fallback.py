@@ -113,7 +113,7 @@ class Forwarder:
     runtime's, which feed metrics and the guards' windows)."""
 
     def __init__(self, breaker: Breaker, budget: RetryBudget, metrics: Metrics, *,
-                 record: Callable[[Answer, Measurement], None],
+                 record: Callable[[str, str, Measurement], None],
                  recorded: Callable[[str, Measurement], None],
                  monotonic: Callable[[], float],
                  sleep: Callable[[float], Awaitable[Any]]) -> None:
@@ -189,10 +189,10 @@ class Forwarder:
         """An answer passed over unread (next_gen's, before a fallback): measured from its
         head alone, by the same function as every other answer."""
         response = answer.response
-        self.record(answer, measure(response.status, response.headers, None,
-                                    started=answer.started, first_byte=None,
-                                    ended=self.monotonic(), size=0,
-                                    telemetry=live.config.telemetry, backend=answer.backend))
+        self.record(answer.backend, answer.role, measure(
+            response.status, response.headers, None, started=answer.started, first_byte=None,
+            ended=self.monotonic(), size=0, telemetry=live.config.telemetry,
+            backend=answer.backend))
 
 
 def retrying(attempts: int, sleep: Callable[[float], Awaitable[Any]]) -> AsyncRetrying:

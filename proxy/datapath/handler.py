@@ -325,7 +325,7 @@ class ProxyHandler:
 
     def settled(self, answer: Answer, seen: Measurement, document: Any,
                 primary_seen: Pairing | None) -> None:
-        self.rt.record(answer, seen)
+        self.rt.record(answer.backend, answer.role, seen)
         if primary_seen is not None:
             primary_seen.report((seen, document))
 

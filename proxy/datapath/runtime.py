@@ -22,7 +22,7 @@ from typing import Any
 from proxy.config.model import Config
 from proxy.datapath.capture import Capture
 from proxy.datapath.decide import Plan
-from proxy.datapath.fallback import Answer, Breaker, Forwarder, RetryBudget
+from proxy.datapath.fallback import Breaker, Forwarder, RetryBudget
 from proxy.datapath.live import Live, first, reloaded
 from proxy.datapath.sessions import Pins
 from proxy.datapath.transport import Meter, Transport
@@ -152,9 +152,11 @@ class Runtime:
             headers.append(("Link", f'<{rollout.migration_url}>; rel="deprecation"'))
         return headers
 
-    def record(self, answer: Answer, seen: Measurement) -> None:
-        self.metrics.measured(answer.backend, answer.role, seen)
-        self.recorded(answer.backend, seen)
+    def record(self, backend: str, role: str, seen: Measurement) -> None:
+        """A measured answer (primary, fallback, or mirror: `role`): to the metrics and the
+        windows."""
+        self.metrics.measured(backend, role, seen)
+        self.recorded(backend, seen)
 
     def recorded(self, backend: str, seen: Measurement) -> None:
         """Every answer a backend gave (primary, fallback, mirror) enters its window here;

@@ -100,12 +100,12 @@ class Pairing:
 
 class Shadow:
     def __init__(self, metrics: Metrics, trace: TraceWriter | None,
-                 record: Callable[[str, Measurement], None], budget: SpendBudget,
+                 record: Callable[[str, str, Measurement], None], budget: SpendBudget,
                  share: LoopShare | None = None, max_held_bytes: int = 16 * 2**20,
                  chance: Callable[[], float] = random.random) -> None:
         self.metrics, self.trace = metrics, trace
         self.share = share or LoopShare(1.0)  # rule 9; the mirror pools charge it
-        self.record = record  # feeds the guards' windows
+        self.record = record  # feeds the metrics and the guards' windows (Runtime.record)
         self.budget, self.chance = budget, chance
         self.noise = Noise()
         self.tasks = Tasks()
@@ -189,8 +189,7 @@ class Shadow:
             pairing.answers = DROPPED
             return
         seen = answers[0][0]
-        self.metrics.measured("next_gen", "shadow", seen)
-        self.record("next_gen", seen)
+        self.record("next_gen", "shadow", seen)
         self.budget.spend(seen.tokens, seen.cost_usd)
         if starved:
             self.metrics.shadow_dropped.labels("held_bytes").inc()
