@@ -144,6 +144,21 @@ def always(data: bytes) -> Script:
     return play
 
 
+def held(data: bytes, gate: asyncio.Event) -> Script:
+    """As always(data), but the first answer's last byte waits for `gate`: until then that
+    answer has not ended, so its connection stays busy (an answer whole with its head gives
+    its connection back at once)."""
+    async def play(peer: Peer) -> None:
+        if not await peer.request():
+            return
+        peer.send(data[:-1])
+        await gate.wait()
+        peer.send(data[-1:])
+        while await peer.request():
+            peer.send(data)
+    return play
+
+
 # Fixtures and helpers ----------------------------------------------------------------------
 
 
@@ -287,16 +302,17 @@ async def test_answer_framed_by_close_ends_at_the_backends_close(
     assert backend.accepted == 2
 
 
-async def test_a_body_taken_whole_gives_its_connection_back_at_once(
+async def test_a_body_that_came_with_its_head_gives_its_connection_back_at_once(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:
-    # The handler's small-answer path takes the body and never calls release().
+    # The handler's small-answer path uses `whole` and never calls release().
     backend = await raw(always(answer(b"small")))
     pool = pools(backend.port)
     for _ in range(3):
         response = await pool.request("GET", "/", CIMultiDict(), None)
-        assert response.take() == b"small"
+        assert response.whole == b"small"
         assert len(pool.idle) == 1  # back in the pool before any release()
+        assert await response.read() == b"small"  # and still readable as a stream
     assert backend.accepted == 1
 
 
@@ -719,12 +735,14 @@ async def test_chunks_split_after_their_size_lines_are_body_not_trailers(
 async def test_limit_one_makes_the_second_request_wait_for_the_same_connection(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:
-    backend = await raw(always(answer(b"ok")))
+    gate = asyncio.Event()
+    backend = await raw(held(answer(b"ok"), gate))
     pool = pools(backend.port, limit=1)
     first = await pool.request("GET", "/first", CIMultiDict(), None)
     second = asyncio.ensure_future(fetch(pool, "/second"))
     await until(lambda: pool.waiters)
     assert len(backend.requests) == 1 and not second.done()
+    gate.set()
     assert await first.read() == b"ok"
     first.release()
     _, body = await second
@@ -735,7 +753,7 @@ async def test_limit_one_makes_the_second_request_wait_for_the_same_connection(
 async def test_limit_one_with_nothing_freed_within_timeout_is_a_connect_error(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:
-    backend = await raw(always(answer(b"ok")))
+    backend = await raw(held(answer(b"ok"), asyncio.Event()))
     pool = pools(backend.port, limit=1, timeout_s=0.2)
     first = await pool.request("GET", "/", CIMultiDict(), None)
     with pytest.raises(h1.WireError) as caught:
@@ -772,13 +790,18 @@ async def test_limit_holds_when_a_freed_slot_races_a_newcomer(
 async def test_slot_handed_over_as_the_wait_times_out_is_not_lost(
         pools: Callable[..., h1.Pool]) -> None:
     async def hello(request: web.Request) -> web.StreamResponse:
+        if request.path == "/held":  # an answer that never ends: its slot stays held
+            response = web.StreamResponse()
+            await response.prepare(request)
+            await response.write(b"hel")
+            await asyncio.Event().wait()
         return web.Response(text="hello")
 
     runner, port = await aiohttp_backend(hello)
     pool = pools(port, limit=1, timeout_s=0.2)
     loop = asyncio.get_running_loop()
     try:
-        first = await pool.request("GET", "/", {}, None)  # holds the only slot
+        first = await pool.request("GET", "/held", {}, None)  # holds the only slot
         waiting = asyncio.create_task(pool.request("GET", "/", {}, None))
         await asyncio.sleep(0)  # one yield: the task runs up to its wait, with no I/O
         assert len(pool.waiters) == 1
@@ -978,9 +1001,9 @@ async def test_backend_url_path_prefix_is_put_before_every_target(
 async def test_pool_close_fails_waiting_requests(
         raw: Callable[[Script], Awaitable[RawBackend]],
         pools: Callable[..., h1.Pool]) -> None:
-    backend = await raw(always(answer(b"ok")))
+    backend = await raw(held(answer(b"ok"), asyncio.Event()))
     pool = pools(backend.port, limit=1, timeout_s=5.0)
-    held = await pool.request("GET", "/", CIMultiDict(), None)
+    busy = await pool.request("GET", "/", CIMultiDict(), None)
     waiting = asyncio.ensure_future(fetch(pool))
     await until(lambda: pool.waiters)
     await pool.close()
@@ -988,7 +1011,7 @@ async def test_pool_close_fails_waiting_requests(
         with pytest.raises(h1.WireError) as caught:
             await waiting
     assert caught.value.kind == "connect_error"
-    held.release()
+    busy.release()
     with pytest.raises(h1.WireError) as caught:
         await pool.request("GET", "/", CIMultiDict(), None)
     assert caught.value.kind == "connect_error"
@@ -1012,18 +1035,18 @@ async def test_pool_close_opens_no_new_connection_for_a_waiter(
     async def play(peer: Peer) -> None:
         if await peer.request() == b"SENTINEL\r\n\r\n":
             return
-        peer.send(answer(b"ok"))
+        peer.send(answer(b"ok")[:-1])  # not ended: the connection stays busy
         await peer.client_gone()
 
     backend = await raw(play)
     pool = pools(backend.port, limit=1, timeout_s=5.0)
-    held = await pool.request("GET", "/", CIMultiDict(), None)
+    busy = await pool.request("GET", "/", CIMultiDict(), None)
     waiting = asyncio.ensure_future(fetch(pool))
     await until(lambda: pool.waiters)
     await pool.close()
     with pytest.raises(h1.WireError):
         await waiting
-    held.release()
+    busy.release()
     # Connections are accepted in order: once this one is seen, any the waiter made was too.
     _, writer = await asyncio.open_connection("127.0.0.1", backend.port)
     writer.write(b"SENTINEL\r\n\r\n")

@@ -234,13 +234,26 @@ async def test_fire_sends_the_same_bytes_as_request(raw: Start, pools: MakePool)
 
 async def test_fire_without_an_idle_connection_returns_false_and_sends_nothing(
         raw: Start, pools: MakePool) -> None:
-    backend = await raw(serve_after_warm(answer(b"fired")))
+    gate = asyncio.Event()
+
+    async def play(peer: Peer) -> None:
+        if not await peer.request():
+            return
+        peer.send(answer(b"warm")[:-1])  # its last byte waits: the connection is busy
+        await gate.wait()
+        peer.send(b"m")
+        if await peer.request():
+            peer.send(answer(b"fired"))
+        await peer.client_gone()
+
+    backend = await raw(play)
     pool = pools(backend.port)
     sink = Recorder()
     assert not pool.fire("GET", "/never", CIMultiDict(), None, sink)  # nothing connected
     busy = await pool.request("GET", "/warm", CIMultiDict(), None)
-    assert await busy.read() == b"warm"
     assert not pool.fire("GET", "/never", CIMultiDict(), None, sink)  # the one is busy
+    gate.set()
+    assert await busy.read() == b"warm"
     busy.release()
     fired = Recorder()
     fire(pool, fired)

@@ -34,15 +34,13 @@ def upstream_error(exc: BaseException, where: str, reading: bool = False) -> Ups
 
 class AiohttpAnswer:
     __slots__ = ("content_length", "headers", "reason", "response", "status", "where")
+    whole = None  # never whole with its head here: the body is read as it comes
 
     def __init__(self, response: aiohttp.ClientResponse, where: str) -> None:
         self.response, self.where = response, where
         self.status, self.reason = response.status, response.reason
         self.headers = response.headers
         self.content_length = response.content_length
-
-    def take(self) -> bytes | None:
-        return None  # never whole with its head here: the body is read as it comes
 
     async def read(self) -> bytes:
         try:

@@ -11,8 +11,10 @@ the Response the handler reads.
 Rules:
 1. Bytes pass unchanged: no decompression, no cookies, no redirects, no headers of our own
    but Host and the framing (PITFALLS.md).
-2. A connection goes back to the pool only when its answer was read whole and the backend
-   keeps it alive. Anything else closes it: a timeout, a parse error, an unread body, HEAD.
+2. A connection goes back to the pool only when its answer has ended cleanly and the backend
+   keeps it alive: when the reader is done with it, or, for a body that came with its head
+   (`Response.whole`), as the head is handed over. Anything else closes it: a timeout, a
+   parse error, an unread body, HEAD.
 3. At most HIGH_WATER bytes of an answer wait for the reader; past that the socket is not
    read (the backend feels the back-pressure).
 4. A reused connection that the backend closed before any byte of the answer is retried

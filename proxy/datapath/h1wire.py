@@ -53,11 +53,12 @@ def fresh(error: WireError) -> WireError:
 
 
 class Response:
-    """An answer whose head has arrived; its body is read with read() or next_chunk()."""
+    """An answer whose head has arrived; its body is `whole` when it came with the head,
+    else read with read() or next_chunk()."""
 
     __slots__ = ("_buffered", "_chunks", "_conn", "_paused", "_waiter", "content_length",
                  "done", "error", "headers", "keep_alive", "reason", "sink", "status",
-                 "streamed", "timeout_s")
+                 "streamed", "timeout_s", "whole")
 
     def __init__(self, conn: Connection, status: int, reason: str | None,
                  headers: CIMultiDictProxy[str], timeout_s: float) -> None:
@@ -75,6 +76,7 @@ class Response:
         self.error: WireError | None = None
         self.sink: Sink | None = None  # set by Pool.fire: the body goes there, not to a reader
         self.streamed = False  # a piece of the body went to the sink (else done() is given it)
+        self.whole: bytes | None = None  # the body, if it had ended when the head was handed
 
     # Fed by the connection -----------------------------------------------------------------
 
@@ -150,13 +152,17 @@ class Response:
         self._chunks.clear()
         return chunks
 
-    def take(self) -> bytes | None:
-        """The whole body if the answer has already ended cleanly, else None (read it).
-        A body taken is the answer finished: its connection goes back to the pool."""
+    def handed(self) -> None:
+        """The head goes to the reader (Connection.send): a body that has already ended
+        cleanly (came with the head, most answers) becomes `whole`, still readable too, and
+        the connection goes back to the pool at once, not when the reader is done."""
         body = self._whole()
         if body is not None:
+            self.whole = body
+            if body:
+                self._chunks.append(body)
+                self._buffered = len(body)
             self.release()
-        return body
 
     def _whole(self) -> bytes | None:
         if self.done and self.error is None:
@@ -425,6 +431,7 @@ class Connection(asyncio.Protocol):
             self.waiter = None
         if isinstance(outcome, WireError):
             raise fresh(outcome)
+        outcome.handed()
         return outcome
 
     def begin(self, head: bytes, body: bytes | None, head_only: bool) -> None:

@@ -240,7 +240,7 @@ class ProxyHandler:
         length = upstream.content_length
         if (length is not None and length <= SMALL_BODY and request.method != "HEAD"
                 and upstream.status not in NO_BODY_STATUS and "Content-Type" in headers):
-            whole = upstream.take()  # the body, if it came with the head
+            whole = upstream.whole  # the body, if it came with the head
             if whole is not None:
                 return self.relay_small(answer, headers, whole, primary_seen, telemetry)
         return await self.relay_stream(request, answer, headers, rid, primary_seen, telemetry)

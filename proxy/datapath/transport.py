@@ -50,9 +50,10 @@ class UpstreamError(Exception):
 
 
 class Answer(Protocol):
-    """An answer whose head has arrived; the body is read with take(), read() or
-    next_chunk() (UpstreamError if it cannot finish), then released or closed. A body that
-    take() returns needs neither: the answer is done with."""
+    """An answer whose head has arrived. Its body is `whole` when it had all come with the
+    head (the answer is then done with: releasing or closing it changes nothing), else None;
+    either way it can be read with read() or next_chunk() (UpstreamError if it cannot
+    finish), then the answer is released or closed."""
 
     @property
     def status(self) -> int: ...
@@ -66,7 +67,8 @@ class Answer(Protocol):
     @property
     def content_length(self) -> int | None: ...
 
-    def take(self) -> bytes | None: ...
+    @property
+    def whole(self) -> bytes | None: ...
 
     async def read(self) -> bytes: ...
 
