@@ -7,6 +7,11 @@ by legacy and mirrored to next_gen (the mirror leg counted apart). A coroutine r
 a new call; the control loop's own work is left out. Prints the count, the modules met and
 the busiest pairs. A reading aid for the architecture, not a benchmark.
 
+`--steps` counts instead every change of the `proxy/` module running, as a reader stepping
+through the request sees it: a call into another module, the return from it, and a coroutine
+or a callback of another module resumed by the event loop (frames outside `proxy/`, such as
+aiohttp's and asyncio's, are stepped over). About twice the calls, plus the resumes.
+
 `--opcodes` counts instead the Python instructions `proxy/`'s own code executes for that one
 request: a figure of the proxy's work that, unlike a timing, no other process on the core
 can move (the same code counts the same). `--tree DIR` runs another checkout's `proxy/`
@@ -98,6 +103,29 @@ class Crossings:
 
     def modules(self) -> set[str]:
         return {m for pair in self.pairs for m in pair}
+
+
+class Steps(Crossings):
+    """Every change of the proxy/ module running (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: str | None = None
+
+    def profile(self, frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call":
+            running = frame
+        elif event == "return" and frame.f_back is not None:
+            running = frame.f_back
+        else:
+            return
+        module = module_of(running)
+        if module is None or module == self.last or beside(running):
+            return
+        if self.last is not None:
+            self.pairs[(self.last, module)] += 1
+            self.calls[(self.last, f"{module}.{running.f_code.co_qualname}")] += 1
+        self.last = module
 
 
 class Opcodes:
@@ -203,8 +231,8 @@ async def drained(running: Any) -> None:
 
 
 def report(title: str, crossings: Crossings, top: int, calls: bool) -> str:
-    lines = [f"{title}: {crossings.total} crossings between {len(crossings.modules())} "
-             "modules"]
+    what = "module changes" if isinstance(crossings, Steps) else "crossings"
+    lines = [f"{title}: {crossings.total} {what} between {len(crossings.modules())} modules"]
     for (caller, callee), count in crossings.pairs.most_common(top):
         lines.append(f"  {count:3d}  {caller} -> {callee}")
     if calls:
@@ -218,10 +246,11 @@ PHASES = (("progressive", "progressive, served by next_gen", False),
           ("shadow", "shadow, served by legacy and mirrored", True))
 
 
-async def main(top: int, calls: bool, opcodes: bool) -> None:
+async def main(top: int, calls: bool, opcodes: bool, steps: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for phase, title, mirrored in PHASES:
-            counter: Crossings | Opcodes = Opcodes() if opcodes else Crossings()
+            counter: Crossings | Opcodes = Opcodes() if opcodes else Steps() if steps \
+                else Crossings()
             await one_request(phase, Path(tmp), mirrored, counter)
             if isinstance(counter, Opcodes):
                 print(f"{title}: {counter.total} opcodes of proxy/'s code")
@@ -236,9 +265,11 @@ if __name__ == "__main__":
     parser.add_argument("--top", type=int, default=15,
                         help="the busiest pairs (or, with --opcodes, functions) to list")
     parser.add_argument("--calls", action="store_true", help="list every function called")
+    parser.add_argument("--steps", action="store_true",
+                        help="count every change of the proxy/ module running instead")
     parser.add_argument("--opcodes", action="store_true",
                         help="count the Python instructions of proxy/'s code instead")
     parser.add_argument("--tree", type=Path, help="a checkout whose proxy/ to run")
     args = parser.parse_args()
     use_tree(args.tree)
-    asyncio.run(main(args.top, args.calls, args.opcodes))
+    asyncio.run(main(args.top, args.calls, args.opcodes, args.steps))

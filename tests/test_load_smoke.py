@@ -175,11 +175,13 @@ def crossings(*args: str) -> list[int]:
     return [int(line.split(": ", 1)[1].split()[0]) for line in done.stdout.splitlines()]
 
 
-def test_crossings_counts_the_calls_and_opcodes_of_the_checkout_it_is_given(
+def test_crossings_counts_the_calls_steps_and_opcodes_of_the_checkout_it_is_given(
         tmp_path: Path) -> None:
-    calls, opcodes = crossings(), crossings("--opcodes")
-    assert len(calls) == len(opcodes) == 2 and all(calls) and all(opcodes)
+    calls, steps, opcodes = crossings(), crossings("--steps"), crossings("--opcodes")
+    assert len(calls) == len(steps) == len(opcodes) == 2 and all(calls) and all(opcodes)
     assert calls[1] > calls[0] and opcodes[1] > opcodes[0]  # the mirror leg adds to both
+    # A call into another module is a step there and one back (its return), at the least.
+    assert steps[0] >= 2 * calls[0] and steps[1] >= 2 * calls[1]
     # --tree: another checkout's proxy/ runs; here a copy whose request ids cost 100 loops.
     shutil.copytree(ROOT / "proxy", tmp_path / "proxy",
                     ignore=shutil.ignore_patterns("__pycache__"))

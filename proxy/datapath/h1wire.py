@@ -156,12 +156,13 @@ class Response:
         """The head goes to the reader (Connection.send): a body that has already ended
         cleanly (came with the head, most answers) becomes `whole`, still readable too, and
         the connection goes back to the pool at once, not when the reader is done."""
-        body = self._whole()
-        if body is not None:
-            self.whole = body
-            if body:
-                self._chunks.append(body)
-                self._buffered = len(body)
+        if self.done and self.error is None:
+            chunks = self._chunks
+            if len(chunks) > 1:  # kept joined: `whole` and a reader share one piece
+                whole = b"".join(chunks)
+                chunks.clear()
+                chunks.append(whole)
+            self.whole = chunks[0] if chunks else b""
             self.release()
 
     def _whole(self) -> bytes | None:
