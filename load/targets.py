@@ -132,8 +132,7 @@ async def rollout_phases(children: Children, legacy: Target, next_gen: Target, w
     }
     if before is not None:
         # Both revisions start the same way (rollout.command with a tree), so a comparison
-        # differs in the code alone: through the console script, this checkout's own code
-        # read 3 to 14 % more CPU per answer than through the launcher, in four runs.
+        # differs in the code alone, not in how the process was launched.
         for name in ("shadow", "progressive"):
             setups[name] = replace(setups[name], tree=CHECKOUT)
             setups[f"{name}@before"] = replace(setups[name], tree=before)
