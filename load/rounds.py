@@ -55,9 +55,12 @@ def say(text: str) -> None:
 
 
 def _order(targets: list[Target], round_index: int) -> list[Target]:
-    # Rotate each round so no target always runs first (or right after a heavy one).
-    shift = round_index % len(targets)
-    return targets[shift:] + targets[:shift]
+    """Rotated each round, so no target always runs first; every other round run backwards
+    too, so no target always follows the same one (shadow always ran just before
+    progressive, and shadow@before before progressive@before)."""
+    shift = (round_index // 2) % len(targets)
+    order = targets[shift:] + targets[:shift]
+    return order[::-1] if round_index % 2 else order
 
 
 async def _measure_one(target: Target, plan: Plan, runs: Runs, workdir: Path) -> None:
