@@ -50,6 +50,7 @@ async def test_close_flushes_every_buffered_line(tmp_path: Path) -> None:
     for n in range(5000):
         w.write(record(n))
     assert not w.path.exists()  # nothing touches the disk until a flush
+    assert lines_metric(w, "written") == 0  # nor is counted as written
     await w.close()
     assert [line["n"] for line in lines_of(w.path)] == list(range(5000))
     assert lines_metric(w, "written") == 5000
@@ -157,6 +158,7 @@ async def test_a_failing_disk_is_counted_not_raised(tmp_path: Path) -> None:
         w.write(record(n))
     await w.close()
     assert lines_metric(w, "error") == 3
+    assert lines_metric(w, "written") == 0  # a lost line is not also counted as written
 
 
 def test_trace_stamp_milliseconds_match_the_old_datetime_format() -> None:

@@ -252,7 +252,7 @@ class Metrics:
         self._comparisons[(result,)].inc()
 
     def traced(self, result: str, lines: int = 1) -> None:
-        """Trace lines written (buffered), dropped (buffer full) or lost (write failed)."""
+        """Trace lines written (on disk), dropped (buffer full) or lost (write failed)."""
         self._trace_lines[(result,)].inc(lines)
 
     def exposition(self) -> bytes:

@@ -3,8 +3,9 @@
 Rules: the event loop never touches the disk (writes run in a thread); the buffer is bounded
 in lines and in bytes (a line can be long: a request's path, a diff of long JSON keys): past
 either, a line is dropped and counted, never blocking traffic. While one batch is written the
-next fills, so at most twice the bound waits for the disk. The file rotates by size
-(X → X.1 → X.2 …, `keep` old files); `close()` flushes every buffered line.
+next fills, so at most twice the bound waits for the disk. A line is counted once: "written"
+once its batch is on disk, "dropped", or "error" when its batch's write failed. The file
+rotates by size (X → X.1 → X.2 …, `keep` old files); `close()` flushes every buffered line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,6 @@ class TraceWriter:
             return
         self.buffer.append(line + "\n")
         self.buffered_bytes += size
-        self.metrics.traced("written")
         if len(self.buffer) >= FLUSH_LINES or self.buffered_bytes >= FLUSH_BYTES:
             self.wake.set()
 
@@ -66,15 +67,22 @@ class TraceWriter:
             if not self.buffer:
                 return
             lines, self.buffer, self.buffered_bytes = self.buffer, [], 0
-            try:
-                # Shielded: a cancelled flush leaves its write to finish, and close() waits.
-                self.writing = asyncio.ensure_future(
-                    asyncio.to_thread(self._append, "".join(lines)))
+            # Shielded: a cancelled flush leaves its write to finish, and close() waits; the
+            # write counts its lines when it ends, whether or not this flush is still there.
+            self.writing = asyncio.ensure_future(asyncio.to_thread(self._append, "".join(lines)))
+            self.writing.add_done_callback(partial(self._ended, len(lines)))
+            with contextlib.suppress(OSError):  # counted and logged by _ended
                 await asyncio.shield(self.writing)
-            except OSError as exc:
-                self.metrics.traced("error", len(lines))
-                log.error(json.dumps({"event": "trace_write_failed", "path": str(self.path),
-                                      "error": str(exc), "lines": len(lines)}))
+
+    def _ended(self, lines: int, write: asyncio.Future[None]) -> None:
+        """Count a batch's lines once: written, or lost ("error") when its write failed."""
+        failure = "cancelled" if write.cancelled() else write.exception()
+        if failure is None:
+            self.metrics.traced("written", lines)
+            return
+        self.metrics.traced("error", lines)
+        log.error(json.dumps({"event": "trace_write_failed", "path": str(self.path),
+                              "error": str(failure), "lines": lines}))
 
     def _append(self, text: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
