@@ -101,6 +101,8 @@ async def throughput(args: argparse.Namespace, plan: Plan, workdir: Path) -> Rep
     engine = "nginx fixed JSON" if nginx else "load.backend fast (raw asyncio)"
     lines = [f"{plan.rounds} rounds, interleaved; each: {tool_text(plan.busy, plan.use_wrk)}",
              f"backends: two {engine} instances (legacy, next_gen)"]
+    if plan.fresh:
+        lines.append("rollout-proxy: new processes each round (--before)")
     if plan.single is not None:
         lines.append(f"latency at 1 connection: -c1 for {plan.single.duration_s:g} s per round;"
                      " added = its p50 minus direct's")
@@ -159,7 +161,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     rounds = args.rounds or (1 if args.scenario in ("slow5000", "soak") else 3)
     return Plan(rounds=max(1, rounds),
                 busy=Load(connections=args.connections, duration_s=duration),
-                single=single, use_wrk=wrk_available() and not args.python_client)
+                single=single, use_wrk=wrk_available() and not args.python_client,
+                fresh=args.before is not None)
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, Plan, Path], Awaitable[Report]]] = {

@@ -19,6 +19,10 @@ class Plan:
     single: Load | None = field(default_factory=lambda: Load(connections=1, duration_s=3.0))
     use_wrk: bool = True
     pause_s: float = 0.5
+    # Each round with new rollout-proxy processes: one process of the same code can cost a
+    # few % more per answer than another for its whole life (its hash seed, where its memory
+    # landed), which more rounds of the same processes never average out (bench --before).
+    fresh: bool = False
 
 
 @dataclass(slots=True)
@@ -86,6 +90,8 @@ async def run_rounds(targets: list[Target], plan: Plan, workdir: Path) -> dict[s
     results = {target.name: Runs() for target in targets}
     for index in range(plan.rounds):
         say(f"round {index + 1}/{plan.rounds}")
+        if plan.fresh and index:
+            targets = [await t.restart() if t.restart else t for t in targets]
         for target in _order(targets, index):
             await _measure_one(target, plan, results[target.name], workdir)
             await asyncio.sleep(plan.pause_s)

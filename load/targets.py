@@ -24,6 +24,7 @@ class Target:
     pids: tuple[int, ...] = ()
     note: str = ""
     admin_url: str | None = None  # rollout-proxy's admin port
+    restart: Callable[[], Awaitable[Target]] | None = None  # stop it, start it afresh
 
 
 Overrides = tuple[tuple[str, Any], ...]
@@ -94,7 +95,12 @@ async def rollout_proxy(children: Children, name: str, setup: rollout.Setup,
         note += f" {setup.percentage:g} %"
     if setup.phase != "legacy":
         note += f", shadow.sample {setup.sample:g}"
-    return Target(name, running.url, (running.child.pid,), note, running.admin_url)
+
+    async def restart() -> Target:
+        await children.stop(running.child)
+        return await rollout_proxy(children, name, setup, workdir)
+
+    return Target(name, running.url, (running.child.pid,), note, running.admin_url, restart)
 
 
 async def references(children: Children, upstream: Target, workdir: Path,

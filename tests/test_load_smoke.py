@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from load import hostile, loadgen, memory, rollout, targets
-from load.measure import parse_wrk
+from load.measure import Load, parse_wrk
 from load.procs import Children
+from load.rounds import Plan, run_rounds
 from load.wire import RequestParser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,6 +159,31 @@ async def test_bench_before_runs_the_other_checkouts_own_entry_point(
     async with asyncio.timeout(30):
         assert await child.process.wait() == 0
     assert child.log.read_text().split() == ["ran", str(tree / "proxy" / "__init__.py"), "serve"]
+
+
+async def test_bench_rounds_with_fresh_processes_measure_a_new_proxy_each_round(
+        children: Children, tmp_path: Path) -> None:
+    # `bench --before`: each round starts the rollout-proxy targets again.
+    if not _proxy_installed():
+        pytest.skip("rollout-proxy is not installed")
+    backend = await targets.backend(children, "backend")
+    proxy = await targets.rollout_proxy(
+        children, "legacy", rollout.Setup("legacy", backend.url, backend.url), tmp_path)
+    assert proxy.restart is not None
+    started = [proxy]
+
+    async def restart() -> targets.Target:
+        again = started[-1].restart
+        assert again is not None
+        started.append(await again())
+        return replace(started[-1], restart=restart)
+
+    plan = Plan(rounds=3, busy=Load(connections=2, duration_s=DURATION_S / 2), single=None,
+                use_wrk=False, pause_s=0, fresh=True)
+    runs = (await run_rounds([replace(proxy, restart=restart)], plan, tmp_path))["legacy"]
+    assert not runs.failures and len(runs.busy) == 3
+    assert all(m.rps > 0 and m.errors == 0 for m in runs.busy)
+    assert len({target.pids for target in started}) == 3  # a new process each later round
 
 
 def test_cpu_time_counts_what_a_process_spent() -> None:
