@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -31,7 +33,9 @@ ALL_TARGETS = ("direct", "legacy", "shadow", "progressive", "progressive-aiohttp
                "haproxy", "minimal")
 
 
-def throughput_checks(rows: list[Summary]) -> list[checks.Check]:
+def throughput_checks(rows: list[Summary],
+                      rounds: Callable[[str], dict[int, float]]) -> list[checks.Check]:
+    """The checks, from each target's median (`rows`) and its req/s round by round."""
     by = {s.name: s for s in rows}
 
     def rps(name: str) -> float | None:
@@ -46,15 +50,37 @@ def throughput_checks(rows: list[Summary]) -> list[checks.Check]:
         checks.at_most("added p50 at 1 connection, progressive over direct", added, 0.30, " ms"),
         checks.info("progressive over h1 / over aiohttp's client (req/s)",
                     checks.ratio(rps("progressive"), rps("progressive-aiohttp"))),
-        *before_checks(rps, lambda name: by[name].cpu_us if name in by else None),
+        *before_checks(rps, rounds, lambda name: by[name].cpu_us if name in by else None),
     ]
 
 
+def paired_fall(now: dict[int, float], then: dict[int, float]) -> tuple[float, float] | None:
+    """How far `now` fell from `then` (figures by round), in %, with the rounds paired: from
+    the geometric mean of now / then in each round both have (what the machine did in a
+    round moves both), and that figure's standard error, in %. None without two pairs."""
+    logs = [math.log(now[index] / then[index]) for index in sorted(now.keys() & then.keys())
+            if now[index] > 0 and then[index] > 0]
+    if len(logs) < 2:
+        return None
+    error = statistics.stdev(logs) / math.sqrt(len(logs))
+    return (1 - math.exp(statistics.fmean(logs))) * 100, error * 100
+
+
+def per_round(rounds: Callable[[str], dict[int, float]], top: str, bottom: str
+              ) -> dict[int, float]:
+    """top / bottom in each round both were measured in."""
+    tops, bottoms = rounds(top), rounds(bottom)
+    return {index: tops[index] / bottoms[index] for index in tops.keys() & bottoms.keys()
+            if bottoms[index]}
+
+
 def before_checks(rps: Callable[[str], float | None],
+                  rounds: Callable[[str], dict[int, float]],
                   cpu: Callable[[str], float | None]) -> list[checks.Check]:
     """With --before: both ratios for the other revision, from the same rounds (the same
-    minimal proxy), and how far this revision's fell from them (the bound: 3 %); and what
-    each proxy's CPU time per answer was against the other revision's (a quieter figure)."""
+    minimal proxy), and how far this revision's fell from them, the rounds paired (the
+    bound: 3 %); and what each proxy's CPU time per answer was against the other
+    revision's (a quieter figure)."""
     if rps("progressive@before") is None:
         return []
     found = [checks.info(f"{name}: CPU per answer, this / --before revision",
@@ -62,13 +88,15 @@ def before_checks(rps: Callable[[str], float | None],
              for name in ("progressive", "shadow")]
     for top, bottom in (("progressive", "minimal"), ("shadow", "progressive")):
         title = f"{top} / {bottom}"
-        now = checks.ratio(rps(top), rps(bottom))
-        then = checks.ratio(rps(f"{top}@before"),
-                            rps(bottom if bottom == "minimal" else f"{bottom}@before"))
-        found.append(checks.info(f"{title}, the --before revision", then))
-        fall = None if now is None or then is None else (then - now) / then * 100
-        found.append(checks.at_most(f"{title}: fall from the --before revision", fall, 3.0,
-                                    " %"))
+        then_bottom = bottom if bottom == "minimal" else f"{bottom}@before"
+        found.append(checks.info(f"{title}, the --before revision",
+                                 checks.ratio(rps(f"{top}@before"), rps(then_bottom))))
+        fall = paired_fall(per_round(rounds, top, bottom),
+                           per_round(rounds, f"{top}@before", then_bottom))
+        found.append(checks.at_most(f"{title}: fall from the --before revision",
+                                    None if fall is None else fall[0], 3.0, " %"))
+        found.append(checks.info(f"{title}: that fall's standard error",
+                                 None if fall is None else fall[1], " %"))
     return found
 
 
@@ -97,7 +125,8 @@ async def throughput(args: argparse.Namespace, plan: Plan, workdir: Path) -> Rep
                                args.before)
         results = await run_rounds(found, plan, workdir)
     rows = summarise(found, results)
-    verdicts = throughput_checks(rows)
+    verdicts = throughput_checks(
+        rows, lambda name: results[name].rps() if name in results else {})
     engine = "nginx fixed JSON" if nginx else "load.backend fast (raw asyncio)"
     lines = [f"{plan.rounds} rounds, interleaved; each: {tool_text(plan.busy, plan.use_wrk)}",
              f"backends: two {engine} instances (legacy, next_gen)"]
@@ -114,7 +143,8 @@ async def throughput(args: argparse.Namespace, plan: Plan, workdir: Path) -> Rep
             "checks": [c.to_json() for c in verdicts], "skipped": skipped.reasons,
             "runs": {name: {"busy": [m.to_json() for m in r.busy],
                             "single": [m.to_json() for m in r.single],
-                            "failures": r.failures} for name, r in results.items()}}
+                            "failures": r.failures, "rounds": r.rounds}
+                     for name, r in results.items()}}
     return Report(text, data)
 
 

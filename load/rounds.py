@@ -32,6 +32,11 @@ class Runs:
     busy: list[Measurement] = field(default_factory=list)
     single: list[Measurement] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)  # the round of each busy run
+
+    def rps(self) -> dict[int, float]:
+        """req/s by round, for the rounds it was measured in."""
+        return {index: m.rps for index, m in zip(self.rounds, self.busy, strict=True)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +72,13 @@ def _order(targets: list[Target], round_index: int) -> list[Target]:
     return order[::-1] if round_index % 2 else order
 
 
-async def _measure_one(target: Target, plan: Plan, runs: Runs, workdir: Path) -> None:
+async def _measure_one(target: Target, plan: Plan, runs: Runs, workdir: Path,
+                       index: int) -> None:
     try:
         busy = await measure(target.url, plan.busy, workdir=workdir, cpu=LOAD_CPU,
                              use_wrk=plan.use_wrk, pids=target.pids)
         runs.busy.append(busy)
+        runs.rounds.append(index)
         line = (f"{busy.rps:9.0f} req/s  p50 {busy.p50_ms:7.2f} ms  p99 {busy.p99_ms:7.2f} ms"
                 f"  errors {busy.errors}")
         if plan.single is not None:
@@ -93,7 +100,7 @@ async def run_rounds(targets: list[Target], plan: Plan, workdir: Path) -> dict[s
         if plan.fresh and index:
             targets = [await t.restart() if t.restart else t for t in targets]
         for target in _order(targets, index):
-            await _measure_one(target, plan, results[target.name], workdir)
+            await _measure_one(target, plan, results[target.name], workdir, index)
             await asyncio.sleep(plan.pause_s)
     return results
 

@@ -19,7 +19,7 @@ import pytest
 # `load` is a directory of the repo, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from load import hostile, loadgen, memory, rollout, targets
+from load import bench, hostile, loadgen, memory, rollout, targets
 from load.measure import Load, parse_wrk
 from load.procs import Children
 from load.rounds import Plan, run_rounds
@@ -184,6 +184,21 @@ async def test_bench_rounds_with_fresh_processes_measure_a_new_proxy_each_round(
     assert not runs.failures and len(runs.busy) == 3
     assert all(m.rps > 0 and m.errors == 0 for m in runs.busy)
     assert len({target.pids for target in started}) == 3  # a new process each later round
+
+
+def test_a_fall_from_the_before_revision_is_read_from_the_rounds_paired() -> None:
+    # One round twice as fast for both revisions moves neither's share of it.
+    now = {0: 1000.0, 1: 2000.0, 2: 900.0, 3: 1800.0}
+    then = {0: 1000.0, 1: 2000.0, 2: 1000.0, 3: 2000.0}
+    fall = bench.paired_fall(now, then)
+    assert fall is not None and fall[0] == pytest.approx((1 - 0.9 ** 0.5) * 100)
+    assert fall[1] > 0
+    same = bench.paired_fall(then, then)
+    assert same is not None and same[0] == pytest.approx(0.0) and same[1] == pytest.approx(0.0)
+    # Only the rounds both were measured in count; one pair is too few.
+    assert bench.paired_fall({0: 900.0, 2: 950.0}, {0: 1000.0, 1: 1000.0}) is None
+    assert bench.per_round({"a": {0: 10.0, 1: 8.0}, "b": {0: 5.0, 1: 0.0, 2: 4.0}}.__getitem__,
+                           "a", "b") == {0: 2.0}
 
 
 def test_cpu_time_counts_what_a_process_spent() -> None:
