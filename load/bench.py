@@ -57,11 +57,14 @@ def throughput_checks(rows: list[Summary],
 def paired_fall(now: dict[int, float], then: dict[int, float]) -> tuple[float, float] | None:
     """How far `now` fell from `then` (figures by round), in %, with the rounds paired: from
     the geometric mean of now / then in each round both have (what the machine did in a
-    round moves both), and that figure's standard error, in %. None without two pairs."""
-    logs = [math.log(now[index] / then[index]) for index in sorted(now.keys() & then.keys())
-            if now[index] > 0 and then[index] > 0]
-    if len(logs) < 2:
+    round moves both), and that figure's standard error, in %. None without two pairs, or
+    with a round `then` is 0 in; a round `now` is 0 in is a fall of 100 %."""
+    pairs = [(now[index], then[index]) for index in sorted(now.keys() & then.keys())]
+    if len(pairs) < 2 or any(old <= 0 for _, old in pairs):
         return None
+    if any(new <= 0 for new, _ in pairs):
+        return 100.0, 0.0
+    logs = [math.log(new / old) for new, old in pairs]
     error = statistics.stdev(logs) / math.sqrt(len(logs))
     return (1 - math.exp(statistics.fmean(logs))) * 100, error * 100
 

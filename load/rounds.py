@@ -20,8 +20,8 @@ class Plan:
     use_wrk: bool = True
     pause_s: float = 0.5
     # Each round with new rollout-proxy processes: one process of the same code can cost a
-    # few % more per answer than another for its whole life (its hash seed, where its memory
-    # landed), which more rounds of the same processes never average out (bench --before).
+    # few % more per answer than another for its whole life, which more rounds of the same
+    # processes never average out (bench --before).
     fresh: bool = False
 
 

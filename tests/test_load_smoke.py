@@ -197,6 +197,8 @@ def test_a_fall_from_the_before_revision_is_read_from_the_rounds_paired() -> Non
     assert same is not None and same[0] == pytest.approx(0.0) and same[1] == pytest.approx(0.0)
     # Only the rounds both were measured in count; one pair is too few.
     assert bench.paired_fall({0: 900.0, 2: 950.0}, {0: 1000.0, 1: 1000.0}) is None
+    # A round this revision answered nothing in is not left out: it is a fall of 100 %.
+    assert bench.paired_fall({0: 1000.0, 1: 0.0}, {0: 1000.0, 1: 1000.0}) == (100.0, 0.0)
     assert bench.per_round({"a": {0: 10.0, 1: 8.0}, "b": {0: 5.0, 1: 0.0, 2: 4.0}}.__getitem__,
                            "a", "b") == {0: 2.0}
 
